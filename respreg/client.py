@@ -1,0 +1,657 @@
+"""The client port: one :class:`ClientProtocol` per Redis client connection, and the commands.
+
+Pipelining: every command read from a packet is dispatched at once; its reply is either ready
+(bytes) or pending on Paxos (a future). Replies leave strictly in request order, batched into
+one write per packet. Memory is bounded per connection: reading pauses while the socket's send
+buffer is over its high-water mark (a client that does not read its replies) or while too many
+commands wait on Paxos, and the parser rejects oversized arguments from their headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+import platform
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+
+from . import __version__
+from .commands import BY_NAME, MUTATIONS, SPECS, command_docs, command_info, write_once_error
+from .core.node import Chosen, Empty, Failed, Outcome
+from .core.types import Proposal
+from .resp import NIL2, NIL3, OK, PONG, ProtocolError, RequestParser, Simple, Value, Verbatim, bulk, encode, error
+
+if TYPE_CHECKING:
+    from .server import NodeServer
+
+#: A reply not known yet: the future of a Paxos operation and how to turn its result into bytes.
+Deferred = tuple["asyncio.Future[Any]", Callable[[Any], bytes]]
+Handler = Callable[["ClientProtocol", list[bytes]], "bytes | Deferred"]
+
+REDIS_COMPAT_VERSION = "7.0.0"
+
+
+class _Slot:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+
+class ClientProtocol(asyncio.Protocol):
+    def __init__(self, server: NodeServer) -> None:
+        self.srv = server
+        cfg = server.config
+        self.parser = RequestParser(max_bulk=cfg.proto_max_bulk_len)
+        self.max_inflight = cfg.max_inflight_per_client
+        self.transport: asyncio.Transport | None = None
+        self.id = 0
+        self.resp3 = False
+        self.name = b""
+        self.lib_name = b""
+        self.lib_ver = b""
+        self.addr = "?"
+        self.laddr = "?"
+        self.created = time.monotonic()
+        self.last_cmd = "NULL"
+        self.queue: deque[_Slot] = deque()
+        self.inflight = 0
+        self.closing = False
+        self.closed = False
+        self.write_paused = False
+        self.read_paused = False
+
+    # ---- connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        if len(self.srv.clients) >= self.srv.config.maxclients:
+            self.srv.stats["rejected_connections"] += 1
+            transport.write(b"-ERR max number of clients reached\r\n")
+            transport.close()
+            self.closed = True
+            return
+        self.id = self.srv.register_client(self)
+        transport.set_write_buffer_limits(high=256 * 1024)
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.addr = f"{peer[0]}:{peer[1]}"
+        if isinstance(sock, tuple):
+            self.laddr = f"{sock[0]}:{sock[1]}"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.srv.unregister_client(self.id)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+        self._process()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        want_pause = self.write_paused or self.inflight >= self.max_inflight
+        if want_pause and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # ---- input -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        self.parser.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        out: list[bytes] = []
+        queue = self.queue
+        srv_stats = self.srv.stats
+        while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
+            try:
+                args = self.parser.next()
+            except ProtocolError as exc:
+                srv_stats["protocol_errors"] += 1
+                reply = error(f"ERR {exc}")
+                self.closing = True
+                if queue:
+                    queue.append(_Slot(reply))
+                else:
+                    out.append(reply)
+                break
+            if args is None:
+                break
+            srv_stats["total_commands_processed"] += 1
+            result = self._dispatch(args)
+            if isinstance(result, bytes):
+                if queue:
+                    queue.append(_Slot(result))
+                else:
+                    out.append(result)
+                continue
+            fut, fmt = result
+            if fut.done():
+                reply = fmt(fut.result())
+                if queue:
+                    queue.append(_Slot(reply))
+                else:
+                    out.append(reply)
+                continue
+            slot = _Slot(None)
+            queue.append(slot)
+            self.inflight += 1
+            fut.add_done_callback(partial(self._complete, slot, fmt))
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self._update_reading()
+        if self.closing and not queue and self.transport is not None:
+            self.transport.close()
+
+    def _complete(self, slot: _Slot, fmt: Callable[[Any], bytes], fut: asyncio.Future[Any]) -> None:
+        self.inflight -= 1
+        slot.data = fmt(fut.result())
+        if self.closed:
+            return
+        out: list[bytes] = []
+        queue = self.queue
+        while queue and queue[0].data is not None:
+            data = queue.popleft().data
+            assert data is not None
+            out.append(data)
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+        if self.closing:
+            if not queue and self.transport is not None:
+                self.transport.close()
+            return
+        self._update_reading()
+        if not self.read_paused:
+            self._process()
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self, args: list[bytes]) -> bytes | Deferred:
+        name = args[0].lower()
+        handler = HANDLERS.get(name)
+        if handler is None:
+            if name in MUTATIONS:
+                return error(write_once_error(name.decode("utf-8", "replace")))
+            return error(unknown_command(args))
+        spec = BY_NAME[name]
+        n = len(args)
+        if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
+            return error(f"ERR wrong number of arguments for '{spec.name}' command")
+        self.last_cmd = spec.name
+        return handler(self, args)
+
+    def nil(self) -> bytes:
+        return NIL3 if self.resp3 else NIL2
+
+    def info_line(self) -> str:
+        age = int(time.monotonic() - self.created)
+        return (
+            f"id={self.id} addr={self.addr} laddr={self.laddr} fd=-1 name={self.name.decode('utf-8', 'replace')} "
+            f"age={age} idle=0 flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf={self.parser.buffered()} "
+            f"argv-mem=0 multi-mem=0 obl=0 oll={len(self.queue)} omem=0 tot-mem=0 events=r cmd={self.last_cmd} "
+            f"user=default redir=-1 resp={3 if self.resp3 else 2} "
+            f"lib-name={self.lib_name.decode('utf-8', 'replace')} lib-ver={self.lib_ver.decode('utf-8', 'replace')}"
+        )
+
+
+def unknown_command(args: list[bytes]) -> str:
+    """redis-server's wording for an unknown command."""
+    shown = ""
+    for a in args[1:]:
+        if len(shown) >= 128:
+            break
+        shown += "'" + a.decode("utf-8", "replace")[: 128 - len(shown)] + "' "
+    return f"ERR unknown command '{args[0].decode('utf-8', 'replace')[:128]}', with args beginning with: {shown}"
+
+
+# ---- register commands -----------------------------------------------------------------------
+
+
+def _failure_reply(outcome: Failed) -> bytes:
+    return error(f"{outcome.kind.value} {outcome.reason}")
+
+
+def _limit_error(c: ClientProtocol, key: bytes, value: bytes | None = None) -> bytes | None:
+    cfg = c.srv.config
+    if len(key) > cfg.max_key_bytes:
+        return error(f"ERR key is too long ({len(key)} bytes, max-key-bytes is {cfg.max_key_bytes})")
+    if value is not None and len(value) > cfg.max_value_bytes:
+        return error(f"ERR value is too large ({len(value)} bytes, max-value-bytes is {cfg.max_value_bytes})")
+    return None
+
+
+def _write(c: ClientProtocol, key: bytes, value: bytes, ok: bytes, taken: Callable[[bytes], bytes]) -> bytes | Deferred:
+    """Start a SETONCE. ``ok`` is the reply when this call's value was chosen, ``taken(value)``
+    the reply when another proposal holds the register."""
+    bad = _limit_error(c, key, value)
+    if bad is not None:
+        return bad
+    known = c.srv.chosen_value(key)
+    if known is not None:
+        return taken(known)
+    fut, pid = c.srv.write(key, value)
+
+    def fmt(outcome: Outcome) -> bytes:
+        if isinstance(outcome, Chosen):
+            return ok if outcome.proposal.pid == pid else taken(outcome.proposal.value)
+        assert isinstance(outcome, Failed)
+        return _failure_reply(outcome)
+
+    return fut, fmt
+
+
+def cmd_setonce(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    return _write(c, args[1], args[2], OK, lambda _v: c.nil())
+
+
+def cmd_setnx(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    return _write(c, args[1], args[2], b":1\r\n", lambda _v: b":0\r\n")
+
+
+def cmd_set(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    nx = xx = get = False
+    expiry = False
+    i = 3
+    while i < len(args):
+        opt = args[i].upper()
+        if opt == b"NX" and not xx:
+            nx = True
+        elif opt == b"XX" and not nx:
+            xx = True
+        elif opt == b"GET":
+            get = True
+        elif opt == b"KEEPTTL":
+            expiry = True
+        elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and i + 1 < len(args):
+            expiry = True
+            i += 1
+        else:
+            return error("ERR syntax error")
+        i += 1
+    if expiry:
+        return error("ERR registers are write-once and never expire: SET does not take EX, PX, EXAT, PXAT or KEEPTTL")
+    if not nx:
+        return error(
+            "ERR registers are write-once: use SET key value NX (or SETONCE key value); SET without NX would overwrite"
+        )
+    if get:
+        return _write(c, args[1], args[2], c.nil(), bulk)
+    return _write(c, args[1], args[2], OK, lambda _v: c.nil())
+
+
+def _read(c: ClientProtocol, key: bytes, fmt: Callable[[bytes | None], bytes]) -> bytes | Deferred:
+    bad = _limit_error(c, key)
+    if bad is not None:
+        return bad
+    known = c.srv.chosen_value(key)
+    if known is not None:
+        return fmt(known)
+
+    def done(outcome: Outcome) -> bytes:
+        if isinstance(outcome, Chosen):
+            return fmt(outcome.proposal.value)
+        if isinstance(outcome, Empty):
+            return fmt(None)
+        assert isinstance(outcome, Failed)
+        return _failure_reply(outcome)
+
+    return c.srv.read(key), done
+
+
+def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    key = args[1]
+    # The hot path: a value known to be chosen never changes, so memory answers it.
+    known = c.srv.chosen_value(key)
+    if known is not None:
+        return b"$%d\r\n%s\r\n" % (len(known), known)
+    return _read(c, key, lambda v: c.nil() if v is None else bulk(v))
+
+
+def _multi_read(
+    c: ClientProtocol, keys: list[bytes], combine: Callable[[list[bytes | None]], bytes]
+) -> bytes | Deferred:
+    for k in keys:
+        bad = _limit_error(c, k)
+        if bad is not None:
+            return bad
+    loop = asyncio.get_running_loop()
+    futs: list[asyncio.Future[Outcome]] = []
+    for k in keys:
+        known = c.srv.chosen_value(k)
+        if known is not None:
+            f: asyncio.Future[Outcome] = loop.create_future()
+            f.set_result(Chosen(Proposal(b"", known)))
+            futs.append(f)
+        else:
+            futs.append(c.srv.read(k))
+    gathered = asyncio.gather(*futs)
+
+    def done(outcomes: list[Outcome]) -> bytes:
+        values: list[bytes | None] = []
+        for o in outcomes:
+            if isinstance(o, Failed):
+                return _failure_reply(o)
+            values.append(o.proposal.value if isinstance(o, Chosen) else None)
+        return combine(values)
+
+    return gathered, done
+
+
+def cmd_mget(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    return _multi_read(c, args[1:], lambda vs: encode(list(vs), c.resp3))
+
+
+def cmd_exists(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    return _multi_read(c, args[1:], lambda vs: b":%d\r\n" % sum(v is not None for v in vs))
+
+
+def cmd_dbsize(c: ClientProtocol, args: list[bytes]) -> bytes:
+    return error("ERR DBSIZE is not supported: respreg keeps no global key count (registers are independent)")
+
+
+# ---- connection commands ---------------------------------------------------------------------
+
+
+def cmd_ping(c: ClientProtocol, args: list[bytes]) -> bytes:
+    if len(args) > 2:
+        return error("ERR wrong number of arguments for 'ping' command")
+    return bulk(args[1]) if len(args) == 2 else PONG
+
+
+def cmd_echo(c: ClientProtocol, args: list[bytes]) -> bytes:
+    return bulk(args[1])
+
+
+def cmd_quit(c: ClientProtocol, args: list[bytes]) -> bytes:
+    c.closing = True
+    return OK
+
+
+def cmd_select(c: ClientProtocol, args: list[bytes]) -> bytes:
+    try:
+        db = int(args[1])
+    except ValueError:
+        return error("ERR value is not an integer or out of range")
+    if db != 0:
+        return error("ERR DB index is out of range")
+    return OK
+
+
+def cmd_reset(c: ClientProtocol, args: list[bytes]) -> bytes:
+    c.resp3 = False
+    c.name = b""
+    return b"+RESET\r\n"
+
+
+def _valid_name(name: bytes) -> bool:
+    return all(33 <= b <= 126 for b in name)
+
+
+def cmd_hello(c: ClientProtocol, args: list[bytes]) -> bytes:
+    proto = 3 if c.resp3 else 2
+    i = 1
+    if len(args) >= 2:
+        try:
+            proto = int(args[1])
+        except ValueError:
+            return error("ERR Protocol version is not an integer or out of range")
+        if proto not in (2, 3):
+            return error("NOPROTO unsupported protocol version")
+        i = 2
+    name: bytes | None = None
+    while i < len(args):
+        opt = args[i].upper()
+        if opt == b"AUTH" and i + 2 < len(args):
+            if args[i + 1] != b"default":
+                return error("WRONGPASS invalid username-password pair or user is disabled.")
+            i += 3
+        elif opt == b"SETNAME" and i + 1 < len(args):
+            name = args[i + 1]
+            if not _valid_name(name):
+                return error("ERR Client names cannot contain spaces, newlines or special characters.")
+            i += 2
+        else:
+            return error(f"ERR Syntax error in HELLO option '{args[i].decode('utf-8', 'replace')}'")
+    c.resp3 = proto == 3
+    if name is not None:
+        c.name = name
+    return encode(
+        {
+            "server": "redis",
+            "version": REDIS_COMPAT_VERSION,
+            "proto": proto,
+            "id": c.id,
+            "mode": "standalone",
+            "role": "master",
+            "modules": [],
+        },
+        c.resp3,
+    )
+
+
+def cmd_client(c: ClientProtocol, args: list[bytes]) -> bytes:
+    sub = args[1].lower()
+    n = len(args)
+
+    def arity() -> bytes:
+        return error(f"ERR wrong number of arguments for 'client|{sub.decode('utf-8', 'replace')}' command")
+
+    if sub == b"id":
+        return b":%d\r\n" % c.id if n == 2 else arity()
+    if sub == b"getname":
+        if n != 2:
+            return arity()
+        return bulk(c.name) if c.name else c.nil()
+    if sub == b"setname":
+        if n != 3:
+            return arity()
+        if not _valid_name(args[2]):
+            return error("ERR Client names cannot contain spaces, newlines or special characters.")
+        c.name = args[2]
+        return OK
+    if sub == b"setinfo":
+        if n != 4:
+            return arity()
+        attr = args[2].lower()
+        if not _valid_name(args[3]) and args[3]:
+            return error(
+                f"ERR {attr.decode('utf-8', 'replace')} cannot contain spaces, newlines or special characters."
+            )
+        if attr == b"lib-name":
+            c.lib_name = args[3]
+        elif attr == b"lib-ver":
+            c.lib_ver = args[3]
+        else:
+            return error(f"ERR Unrecognized option '{args[2].decode('utf-8', 'replace')}'")
+        return OK
+    if sub == b"info":
+        return encode(Verbatim(c.info_line() + "\n"), c.resp3) if n == 2 else arity()
+    if sub == b"list":
+        text = "".join(cl.info_line() + "\n" for cl in list(c.srv.clients.values()))
+        return encode(Verbatim(text), c.resp3)
+    if sub in (b"no-evict", b"no-touch"):
+        if n != 3 or args[2].lower() not in (b"on", b"off"):
+            return error("ERR syntax error")
+        return OK
+    if sub == b"help":
+        return encode(
+            [
+                Simple(line)
+                for line in (
+                    "CLIENT <subcommand> [<arg> ...]. Subcommands are:",
+                    "ID",
+                    "GETNAME",
+                    "SETNAME <name>",
+                    "SETINFO <LIB-NAME|LIB-VER> <value>",
+                    "INFO",
+                    "LIST",
+                    "NO-EVICT (ON|OFF)",
+                    "NO-TOUCH (ON|OFF)",
+                    "HELP",
+                )
+            ],
+            c.resp3,
+        )
+    return error(f"ERR unknown subcommand '{args[1].decode('utf-8', 'replace')}'. Try CLIENT HELP.")
+
+
+def cmd_command(c: ClientProtocol, args: list[bytes]) -> bytes:
+    if len(args) == 1:
+        return encode([command_info(s) for s in SPECS], c.resp3)
+    sub = args[1].lower()
+    if sub == b"count":
+        return b":%d\r\n" % len(SPECS)
+    if sub == b"list":
+        return encode([s.name for s in SPECS], c.resp3)
+    if sub == b"info":
+        wanted = [a.lower() for a in args[2:]] or [s.name.encode() for s in SPECS]
+        info: list[Value] = []
+        for w in wanted:
+            spec = BY_NAME.get(w)
+            info.append(command_info(spec) if spec is not None else None)
+        return encode(info, c.resp3)
+    if sub == b"docs":
+        names = [a.lower() for a in args[2:]] or [s.name.encode() for s in SPECS]
+        docs: dict[str, Value] = {}
+        for w in names:
+            spec = BY_NAME.get(w)
+            if spec is not None:
+                docs[spec.name] = command_docs(spec)
+        return encode(docs, c.resp3)
+    if sub == b"getkeys" and len(args) >= 3:
+        spec = BY_NAME.get(args[2].lower())
+        if spec is None or spec.first_key == 0:
+            return error("ERR The command has no key arguments")
+        last = len(args) - 2 if spec.last_key < 0 else spec.last_key
+        return encode([args[2 + i] for i in range(spec.first_key, min(last, len(args) - 3) + 1, spec.step)], c.resp3)
+    return error(f"ERR unknown subcommand '{args[1].decode('utf-8', 'replace')}'. Try COMMAND HELP.")
+
+
+# ---- server commands -------------------------------------------------------------------------
+
+
+def config_values(c: ClientProtocol) -> dict[str, str]:
+    cfg = c.srv.config
+    return {
+        "port": str(cfg.port),
+        "bind": cfg.bind,
+        "dir": str(cfg.data_dir),
+        "maxclients": str(cfg.maxclients),
+        "proto-max-bulk-len": str(cfg.proto_max_bulk_len),
+        "databases": "1",
+        "save": "",
+        "appendonly": "no",
+        "appendfsync": "always",
+        "timeout": "0",
+        "respreg-node-id": str(cfg.node_id),
+        "respreg-peer-port": str(cfg.peer_port),
+        "respreg-deadline-ms": f"{cfg.deadline_ms:g}",
+        "respreg-max-key-bytes": str(cfg.max_key_bytes),
+        "respreg-max-value-bytes": str(cfg.max_value_bytes),
+    }
+
+
+def cmd_config(c: ClientProtocol, args: list[bytes]) -> bytes:
+    sub = args[1].lower()
+    if sub == b"get":
+        if len(args) < 3:
+            return error("ERR wrong number of arguments for 'config|get' command")
+        values = config_values(c)
+        found: dict[str, Value] = {}
+        for pat in args[2:]:
+            p = pat.decode("utf-8", "replace").lower()
+            for k, v in values.items():
+                if fnmatch.fnmatchcase(k, p):
+                    found[k] = v
+        return encode(found, c.resp3)
+    if sub == b"set":
+        return error("ERR CONFIG SET is not supported: respreg takes its settings from command-line flags at start")
+    if sub == b"resetstat":
+        for k in c.srv.stats:
+            c.srv.stats[k] = 0
+        return OK
+    return error(f"ERR unknown subcommand '{args[1].decode('utf-8', 'replace')}'. Try CONFIG HELP.")
+
+
+def info_text(c: ClientProtocol, sections: list[str]) -> str:
+    srv = c.srv
+    cfg = srv.config
+    generic: dict[str, dict[str, str | int]] = {
+        "server": {
+            "redis_version": REDIS_COMPAT_VERSION,
+            "respreg_version": __version__,
+            "redis_mode": "standalone",
+            "os": f"{platform.system()} {platform.release()} {platform.machine()}",
+            "arch_bits": 64,
+            "process_id": os.getpid(),
+            "run_id": srv.run_id,
+            "tcp_port": cfg.port,
+            "peer_port": cfg.peer_port,
+            "uptime_in_seconds": int(time.time() - srv.started),
+            "python_version": platform.python_version(),
+        },
+        "clients": {
+            "connected_clients": len(srv.clients),
+            "maxclients": cfg.maxclients,
+        },
+        "stats": dict(srv.stats),
+    }
+    generic.update(srv.info_fields())
+    order = ["server", "clients", "stats", "persistence", "paxos"]
+    wanted = [s.lower() for s in sections]
+    if not wanted or any(w in ("all", "everything", "default") for w in wanted):
+        chosen = order
+    else:
+        chosen = [s for s in order if s in wanted]
+    parts = []
+    for name in chosen:
+        lines = [f"# {name.capitalize()}"] + [f"{k}:{v}" for k, v in generic[name].items()]
+        parts.append("\r\n".join(lines) + "\r\n")
+    return "\r\n".join(parts)
+
+
+def cmd_info(c: ClientProtocol, args: list[bytes]) -> bytes:
+    text = info_text(c, [a.decode("utf-8", "replace") for a in args[1:]])
+    return encode(Verbatim(text), c.resp3)
+
+
+HANDLERS: dict[bytes, Handler] = {
+    b"setonce": cmd_setonce,
+    b"get": cmd_get,
+    b"mget": cmd_mget,
+    b"exists": cmd_exists,
+    b"set": cmd_set,
+    b"setnx": cmd_setnx,
+    b"ping": cmd_ping,
+    b"echo": cmd_echo,
+    b"quit": cmd_quit,
+    b"select": cmd_select,
+    b"hello": cmd_hello,
+    b"client": cmd_client,
+    b"command": cmd_command,
+    b"info": cmd_info,
+    b"config": cmd_config,
+    b"reset": cmd_reset,
+    b"dbsize": cmd_dbsize,
+}

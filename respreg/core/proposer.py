@@ -1,0 +1,331 @@
+"""The Paxos proposer of one client operation (a SETONCE or a linearizable GET), sans-IO.
+
+A :class:`Proposer` is a state machine. The driver feeds it events (``start``, ``on_reply``,
+``on_timer``) and carries out the effects it returns (:class:`Send`, :class:`SetTimer`,
+:class:`Done`). It never reads a clock, draws randomness or touches a socket: the random source
+and the round allocator are handed in, so the same code runs under asyncio and under the
+deterministic simulator.
+
+Write (SETONCE): prepare at a fresh ballot; with a majority of promises, propose the proposal
+accepted at the highest ballot among them, or our own if none; with a majority of accepted, the
+proposal is chosen. A lost race (nack) retries with a higher ballot after a random backoff until
+the deadline.
+
+Read (GET): first ask every acceptor what it accepted (no state change, no fsync). A majority
+with nothing accepted means nothing was chosen before the read began: answer nil. A majority that
+accepted one ballot, or any node that already learned the chosen proposal, gives the value.
+Anything in between is completed through full Paxos (prepare, then accept the highest proposal)
+before it is returned, so a value is returned only once it is chosen.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .types import (
+    NO_BALLOT,
+    Accept,
+    Accepted,
+    Ballot,
+    Learn,
+    Nack,
+    NodeId,
+    Prepare,
+    Promise,
+    Proposal,
+    Read,
+    Refused,
+    Reply,
+    Request,
+    State,
+    Unreachable,
+)
+
+# ---- effects ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Deliver ``msg`` to node ``to`` (possibly this node); its reply comes back tagged ``seq``."""
+
+    to: NodeId
+    msg: Request
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Call ``on_timer(token)`` after ``delay_ms`` milliseconds."""
+
+    delay_ms: float
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chosen:
+    """Outcome: ``proposal`` is the register's value."""
+
+    proposal: Proposal
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """Outcome of a read: nothing was chosen when the read began."""
+
+
+class Failure(enum.Enum):
+    NOQUORUM = "NOQUORUM"
+    UNCERTAIN = "UNCERTAIN"
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Outcome: no answer. NOQUORUM for a write means its proposal was never sent for acceptance."""
+
+    kind: Failure
+    reason: str
+
+
+Outcome = Chosen | Empty | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    outcome: Outcome
+
+
+Effect = Send | SetTimer | Done
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerConfig:
+    attempt_timeout_ms: float = 500.0
+    backoff_min_ms: float = 2.0
+    backoff_max_ms: float = 100.0
+    deadline_ms: float = 3000.0
+
+
+DEADLINE_TOKEN = -1
+
+
+class _Phase(enum.Enum):
+    IDLE = 0
+    READ = 1
+    PREPARE = 2
+    ACCEPT = 3
+    BACKOFF = 4
+    DONE = 5
+
+
+class Proposer:
+    """Drives one operation on one key to an :data:`Outcome`.
+
+    ``proposal`` is the value to write, or None for a read. ``alloc_round(n)`` returns a round
+    number at least ``n`` that this node has never handed out before in its current incarnation.
+    ``random()`` returns a float in [0, 1).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        me: NodeId,
+        nodes: Sequence[NodeId],
+        incarnation: int,
+        proposal: Proposal | None,
+        alloc_round: Callable[[int], int],
+        random: Callable[[], float],
+        config: ProposerConfig,
+    ) -> None:
+        self.key = key
+        self.me = me
+        self.nodes = tuple(nodes)
+        self.majority = len(self.nodes) // 2 + 1
+        self.incarnation = incarnation
+        self.own = proposal
+        self._alloc_round = alloc_round
+        self._random = random
+        self.config = config
+        self.phase = _Phase.IDLE
+        self.seq = 0
+        self.attempts = 0
+        self.sent_own = False
+        self.outcome: Outcome | None = None
+        self._ballot = NO_BALLOT
+        self._highest_seen = NO_BALLOT
+        self._value: Proposal | None = None
+        # Per phase: who answered what (sets, so duplicated replies count once).
+        self._ok: dict[NodeId, Reply] = {}
+        self._nacked: set[NodeId] = set()
+        self._down: set[NodeId] = set()
+
+    @property
+    def is_write(self) -> bool:
+        return self.own is not None
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def start(self) -> list[Effect]:
+        assert self.phase is _Phase.IDLE
+        effects: list[Effect] = [SetTimer(self.config.deadline_ms, DEADLINE_TOKEN)]
+        if self.is_write:
+            effects += self._begin_prepare()
+        else:
+            effects += self._begin_read()
+        return effects
+
+    def on_timer(self, token: int) -> list[Effect]:
+        if self.phase is _Phase.DONE:
+            return []
+        if token == DEADLINE_TOKEN:
+            return self._fail(f"no majority answered within {self.config.deadline_ms:.0f} ms")
+        if token != self.seq:
+            return []  # a timer of an earlier phase
+        if self.phase is _Phase.BACKOFF:
+            return self._begin_prepare()
+        # The phase timed out with replies missing: try again with a higher ballot.
+        return self._retry()
+
+    def on_reply(self, sender: NodeId, seq: int, reply: Reply) -> list[Effect]:
+        if self.phase is _Phase.DONE or seq != self.seq or sender not in self.nodes:
+            return []
+        if sender in self._ok or sender in self._nacked or sender in self._down:
+            return []  # duplicate
+        if isinstance(reply, (Unreachable, Refused)):
+            self._down.add(sender)
+        elif isinstance(reply, Nack):
+            self._nacked.add(sender)
+            if reply.promised > self._highest_seen:
+                self._highest_seen = reply.promised
+        else:
+            if (isinstance(reply, (State, Promise))) and reply.chosen and reply.proposal is not None:
+                return self._finish(reply.proposal, learned=True)
+            if not self._expected(reply):
+                return []
+            self._ok[sender] = reply
+            for b in self._ballots_in(reply):
+                if b > self._highest_seen:
+                    self._highest_seen = b
+        return self._progress()
+
+    # ---- phases ------------------------------------------------------------------------------
+
+    def _new_phase(self, phase: _Phase) -> None:
+        self.phase = phase
+        self.seq += 1
+        self._ok = {}
+        self._nacked = set()
+        self._down = set()
+
+    def _broadcast(self, msg: Request) -> list[Effect]:
+        effects: list[Effect] = [Send(n, msg, self.seq) for n in self.nodes]
+        effects.append(SetTimer(self.config.attempt_timeout_ms, self.seq))
+        return effects
+
+    def _begin_read(self) -> list[Effect]:
+        self._new_phase(_Phase.READ)
+        return self._broadcast(Read(self.key))
+
+    def _begin_prepare(self) -> list[Effect]:
+        self.attempts += 1
+        self._new_phase(_Phase.PREPARE)
+        rnd = self._alloc_round(max(self._highest_seen.round + 1, 1))
+        self._ballot = Ballot(rnd, int(self.me), self.incarnation)
+        return self._broadcast(Prepare(self.key, self._ballot))
+
+    def _begin_accept(self, proposal: Proposal) -> list[Effect]:
+        self._new_phase(_Phase.ACCEPT)
+        self._value = proposal
+        if self.own is not None and proposal.pid == self.own.pid:
+            self.sent_own = True
+        return self._broadcast(Accept(self.key, self._ballot, proposal))
+
+    def _retry(self) -> list[Effect]:
+        """Back off for a random time that grows with the attempts, then prepare again."""
+        self._new_phase(_Phase.BACKOFF)
+        ceiling = min(self.config.backoff_max_ms, self.config.backoff_min_ms * (2 ** min(self.attempts, 16)))
+        delay = self.config.backoff_min_ms + self._random() * max(ceiling - self.config.backoff_min_ms, 0.0)
+        return [SetTimer(delay, self.seq)]
+
+    def _expected(self, reply: Reply) -> bool:
+        if self.phase is _Phase.READ:
+            return isinstance(reply, State)
+        if self.phase is _Phase.PREPARE:
+            return isinstance(reply, Promise) and reply.ballot == self._ballot
+        if self.phase is _Phase.ACCEPT:
+            return isinstance(reply, Accepted) and reply.ballot == self._ballot
+        return False
+
+    @staticmethod
+    def _ballots_in(reply: Reply) -> tuple[Ballot, ...]:
+        if isinstance(reply, (Promise, State)):
+            return (reply.accepted,)
+        return ()
+
+    def _progress(self) -> list[Effect]:
+        """Decide what the answers gathered so far in this phase allow."""
+        n = len(self.nodes)
+        if self.phase is _Phase.READ:
+            return self._progress_read()
+        if len(self._ok) >= self.majority:
+            if self.phase is _Phase.PREPARE:
+                promises = [r for r in self._ok.values() if isinstance(r, Promise)]
+                best = max(promises, key=lambda p: p.accepted)
+                if best.proposal is not None:
+                    return self._begin_accept(best.proposal)
+                if self.own is None:
+                    return self._finish_empty()
+                return self._begin_accept(self.own)
+            assert self._value is not None
+            return self._finish(self._value, learned=False)
+        if len(self._down) > n - self.majority:
+            return self._fail(f"{len(self._down)} of {n} nodes unreachable")
+        if len(self._ok) + len(self._nacked) + len(self._down) == n or (len(self._nacked) > n - self.majority):
+            # A majority is out of reach in this round because of competing ballots.
+            return self._retry()
+        return []
+
+    def _progress_read(self) -> list[Effect]:
+        n = len(self.nodes)
+        states = [r for r in self._ok.values() if isinstance(r, State)]
+        empty = sum(1 for s in states if s.proposal is None)
+        if empty >= self.majority:
+            return self._finish_empty()
+        by_ballot: dict[Ballot, int] = {}
+        for s in states:
+            if s.proposal is not None:
+                by_ballot[s.accepted] = by_ballot.get(s.accepted, 0) + 1
+                if by_ballot[s.accepted] >= self.majority:
+                    return self._finish(s.proposal, learned=False)
+        if len(self._down) > n - self.majority:
+            return self._fail(f"{len(self._down)} of {n} nodes unreachable")
+        if len(states) >= self.majority:
+            # Something was accepted but is not known to be chosen: complete it through Paxos.
+            return self._begin_prepare()
+        return []
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    def _finish(self, proposal: Proposal, learned: bool) -> list[Effect]:
+        self.phase = _Phase.DONE
+        self.outcome = Chosen(proposal)
+        effects: list[Effect] = []
+        if not learned:
+            self.seq += 1
+            effects += [Send(n, Learn(self.key, proposal), self.seq) for n in self.nodes]
+        effects.append(Done(self.outcome))
+        return effects
+
+    def _finish_empty(self) -> list[Effect]:
+        self.phase = _Phase.DONE
+        self.outcome = Empty()
+        return [Done(self.outcome)]
+
+    def _fail(self, reason: str) -> list[Effect]:
+        self.phase = _Phase.DONE
+        if self.is_write and self.sent_own:
+            self.outcome = Failed(Failure.UNCERTAIN, f"value may or may not be written: {reason}")
+        else:
+            self.outcome = Failed(Failure.NOQUORUM, reason)
+        return [Done(self.outcome)]

@@ -1,0 +1,141 @@
+"""Values shared by the Paxos core: ballots, proposals, acceptor state and peer messages.
+
+Pure data only. This module imports nothing from the runtime (no asyncio, sockets, files,
+clocks or randomness); everything under ``respreg.core`` follows the same rule.
+
+Words follow Lamport's *Paxos Made Simple*: a proposer sends *prepare* for a ballot, acceptors
+*promise*; the proposer sends *accept*, acceptors answer *accepted*; a proposal accepted by a
+majority at one ballot is *chosen*, and nodes *learn* it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, NewType
+
+NodeId = NewType("NodeId", int)
+
+
+class Ballot(NamedTuple):
+    """A totally ordered, cluster-wide unique proposal number.
+
+    ``incarnation`` counts the starts of node ``node``: a restarted node has forgotten which rounds
+    it used, so its new ballots differ from every ballot of its earlier lives even when ``round``
+    repeats. Compared as a tuple: round first, then node, then incarnation.
+    """
+
+    round: int
+    node: int
+    incarnation: int
+
+
+#: Lower than every real ballot: "never promised" / "never accepted".
+NO_BALLOT = Ballot(-1, -1, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """A value as a proposer proposes it: the bytes plus an id unique to one client call.
+
+    The id lets a proposer recognise *its own* proposal when another proposer completed it, so that
+    call answers +OK while a different call that wrote equal bytes still gets nil.
+    """
+
+    pid: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptorState:
+    """The durable state of one key's acceptor (what the per-key file holds)."""
+
+    promised: Ballot = NO_BALLOT
+    accepted: Ballot = NO_BALLOT
+    proposal: Proposal | None = None
+
+
+EMPTY_STATE = AcceptorState()
+
+
+# ---- messages a proposer sends to acceptors -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    key: bytes
+    ballot: Ballot
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    key: bytes
+    ballot: Ballot
+    proposal: Proposal
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Ask an acceptor what it has accepted, without changing its state."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Learn:
+    """Tell a node that ``proposal`` is chosen for ``key`` (no reply)."""
+
+    key: bytes
+    proposal: Proposal
+
+
+Request = Prepare | Accept | Read | Learn
+
+
+# ---- replies from acceptors -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """Answer to Prepare(ballot): promised; here is what I accepted before (if anything)."""
+
+    ballot: Ballot
+    accepted: Ballot
+    proposal: Proposal | None
+    chosen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    ballot: Ballot
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """Refused: the acceptor promised ``promised``, which is higher than the ballot asked for."""
+
+    ballot: Ballot
+    promised: Ballot
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Answer to Read: what the acceptor accepted, and whether its node knows it is chosen."""
+
+    accepted: Ballot
+    proposal: Proposal | None
+    chosen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The acceptor cannot answer for this key (corrupt state file, storage error, ...)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """Synthesised by the driver: the message could not be delivered (peer down or timed out)."""
+
+
+Reply = Promise | Accepted | Nack | State | Refused | Unreachable

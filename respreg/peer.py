@@ -1,0 +1,465 @@
+"""The peer channel: Paxos messages between nodes, as RESP over persistent TCP connections.
+
+Separate from the client port. Each node dials every other node (a :class:`PeerLink` per peer,
+bound to the node's own address, reconnecting with backoff) and serves inbound links with
+:class:`PeerServerProtocol`. Requests are multibulk commands; replies are RESP arrays tagged
+with the request id, so a reply waiting for an fsync never holds up others.
+
+Wire format (every field a bulk string on the request side)::
+
+    PEER.HELLO <secret> <from-node> <to-node>       -> +OK, or an error and the link is closed
+    PING                                           -> +PONG (heartbeat)
+    PX <req> P <key> <round> <node> <inc>          prepare
+    PX <req> A <key> <round> <node> <inc> <pid> <value>   accept
+    PX <req> R <key>                               read
+    PX 0 L <key> <pid> <value>                     learn (no reply)
+
+    reply  [req, "P", round, node, inc, acc-round, acc-node, acc-inc, pid|nil, value|nil, chosen]
+           [req, "A", round, node, inc]
+           [req, "N", round, node, inc, promised-round, promised-node, promised-inc]
+           [req, "S", acc-round, acc-node, acc-inc, pid|nil, value|nil, chosen]
+           [req, "X", reason]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from typing import cast
+
+import hiredis
+
+from .core.types import (
+    Accept,
+    Accepted,
+    Ballot,
+    Learn,
+    Nack,
+    NodeId,
+    Prepare,
+    Promise,
+    Proposal,
+    Read,
+    Refused,
+    Reply,
+    Request,
+    State,
+    Unreachable,
+)
+from .resp import ProtocolError, RequestParser, bulk, error
+
+log = logging.getLogger("respreg.peer")
+
+_NOT_ENOUGH = object()
+
+
+# ---- codec -----------------------------------------------------------------------------------
+
+
+def _cmd(*parts: bytes) -> bytes:
+    return b"*%d\r\n%s" % (len(parts), b"".join(bulk(p) for p in parts))
+
+
+def _b(b: Ballot) -> tuple[bytes, bytes, bytes]:
+    return (b"%d" % b.round, b"%d" % b.node, b"%d" % b.incarnation)
+
+
+def encode_request(req_id: int, msg: Request) -> bytes:
+    rid = b"%d" % req_id
+    if isinstance(msg, Prepare):
+        return _cmd(b"PX", rid, b"P", msg.key, *_b(msg.ballot))
+    if isinstance(msg, Accept):
+        return _cmd(b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value)
+    if isinstance(msg, Read):
+        return _cmd(b"PX", rid, b"R", msg.key)
+    return _cmd(b"PX", b"0", b"L", msg.key, msg.proposal.pid, msg.proposal.value)
+
+
+def decode_request(args: list[bytes]) -> tuple[int, Request]:
+    """Parse ``PX ...`` arguments (without the ``PX``); raises ValueError on anything malformed."""
+    req_id = int(args[0])
+    kind = args[1]
+    key = args[2]
+    if kind == b"P" and len(args) == 6:
+        return req_id, Prepare(key, Ballot(int(args[3]), int(args[4]), int(args[5])))
+    if kind == b"A" and len(args) == 8:
+        return req_id, Accept(key, Ballot(int(args[3]), int(args[4]), int(args[5])), Proposal(args[6], args[7]))
+    if kind == b"R" and len(args) == 3:
+        return req_id, Read(key)
+    if kind == b"L" and len(args) == 5:
+        return req_id, Learn(key, Proposal(args[3], args[4]))
+    raise ValueError("malformed PX request")
+
+
+def _opt(p: Proposal | None) -> bytes:
+    if p is None:
+        return b"$-1\r\n$-1\r\n"
+    return bulk(p.pid) + bulk(p.value)
+
+
+def _ib(b: Ballot) -> bytes:
+    return b":%d\r\n:%d\r\n:%d\r\n" % (b.round, b.node, b.incarnation)
+
+
+def encode_reply(req_id: int, reply: Reply) -> bytes:
+    head = b":%d\r\n" % req_id
+    if isinstance(reply, Promise):
+        return (
+            b"*11\r\n"
+            + head
+            + b"$1\r\nP\r\n"
+            + _ib(reply.ballot)
+            + _ib(reply.accepted)
+            + _opt(reply.proposal)
+            + (b":1\r\n" if reply.chosen else b":0\r\n")
+        )
+    if isinstance(reply, Accepted):
+        return b"*5\r\n" + head + b"$1\r\nA\r\n" + _ib(reply.ballot)
+    if isinstance(reply, Nack):
+        return b"*8\r\n" + head + b"$1\r\nN\r\n" + _ib(reply.ballot) + _ib(reply.promised)
+    if isinstance(reply, State):
+        return (
+            b"*8\r\n"
+            + head
+            + b"$1\r\nS\r\n"
+            + _ib(reply.accepted)
+            + _opt(reply.proposal)
+            + (b":1\r\n" if reply.chosen else b":0\r\n")
+        )
+    reason = reply.reason if isinstance(reply, Refused) else "unreachable"
+    return b"*3\r\n" + head + b"$1\r\nX\r\n" + bulk(reason.encode("utf-8", "replace"))
+
+
+def _proposal(pid: object, value: object) -> Proposal | None:
+    if pid is None:
+        return None
+    assert isinstance(pid, bytes) and isinstance(value, bytes)
+    return Proposal(pid, value)
+
+
+def decode_reply(r: list[object]) -> tuple[int, Reply]:
+    """Parse a reply array as hiredis returns it; raises on anything malformed."""
+    req_id = r[0]
+    kind = r[1]
+    assert isinstance(req_id, int)
+    ints = r[2:]
+    if kind == b"P":
+        b = Ballot(*ints[0:3])  # type: ignore[arg-type]
+        a = Ballot(*ints[3:6])  # type: ignore[arg-type]
+        return req_id, Promise(b, a, _proposal(r[8], r[9]), r[10] == 1)
+    if kind == b"A":
+        return req_id, Accepted(Ballot(*ints[0:3]))  # type: ignore[arg-type]
+    if kind == b"N":
+        return req_id, Nack(Ballot(*ints[0:3]), Ballot(*ints[3:6]))  # type: ignore[arg-type]
+    if kind == b"S":
+        return req_id, State(Ballot(*ints[0:3]), _proposal(r[5], r[6]), r[7] == 1)  # type: ignore[arg-type]
+    if kind == b"X":
+        reason = r[2]
+        assert isinstance(reason, bytes)
+        return req_id, Refused(reason.decode("utf-8", "replace"))
+    raise ValueError(f"unknown peer reply kind {kind!r}")
+
+
+# ---- inbound links ---------------------------------------------------------------------------
+
+
+class PeerServerProtocol(asyncio.Protocol):
+    """Serves one inbound peer link: authenticates it, then hands each request to ``on_request``.
+
+    ``on_request(sender, req_id, msg, link)`` must eventually call ``link.respond`` for every
+    request with req_id != 0.
+    """
+
+    def __init__(
+        self,
+        me: int,
+        members: frozenset[int],
+        secret: str,
+        on_request: Callable[[NodeId, int, Request, PeerServerProtocol], None],
+        max_bulk: int,
+    ) -> None:
+        self._me = me
+        self._members = members
+        self._secret = secret.encode()
+        self._on_request = on_request
+        self._parser = RequestParser(max_bulk=max_bulk, max_args=16)
+        self._transport: asyncio.Transport | None = None
+        self._peer: NodeId | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def _reject(self, text: str) -> None:
+        assert self._transport is not None
+        self._transport.write(error(text))
+        self._transport.close()
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._parser.feed(data)
+        while not self.closed:
+            try:
+                args = self._parser.next()
+            except ProtocolError as exc:
+                self._reject(f"ERR {exc}")
+                return
+            if args is None:
+                return
+            self._command(args)
+
+    def _command(self, args: list[bytes]) -> None:
+        name = args[0].upper()
+        if self._peer is None:
+            if name == b"PEER.HELLO" and len(args) == 4:
+                try:
+                    sender, target = int(args[2]), int(args[3])
+                except ValueError:
+                    sender = target = -1
+                if not hmac.compare_digest(args[1], self._secret):
+                    self._reject("NOAUTH peer authentication failed: wrong cluster secret")
+                elif sender not in self._members or target != self._me:
+                    self._reject(
+                        f"ERR peer handshake names {args[2]!r} -> {args[3]!r}, not a member link to node {self._me}"
+                    )
+                else:
+                    self._peer = NodeId(sender)
+                    self._send(b"+OK\r\n")
+                return
+            if name == b"PING":
+                self._send(b"+PONG\r\n")
+                return
+            self._reject("NOAUTH this is a respreg peer port: clients belong on the client port")
+            return
+        if name == b"PX" and len(args) >= 4:
+            try:
+                req_id, msg = decode_request(args[1:])
+            except (ValueError, IndexError):
+                self._reject("ERR Protocol error: malformed peer request")
+                return
+            self._on_request(self._peer, req_id, msg, self)
+        elif name == b"PING":
+            self._send(b"+PONG\r\n")
+        else:
+            self._reject("ERR Protocol error: unknown peer command")
+
+    def respond(self, req_id: int, reply: Reply) -> None:
+        if not self.closed:
+            self._send(encode_reply(req_id, reply))
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None and not self.closed:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+
+# ---- outbound links --------------------------------------------------------------------------
+
+
+class PeerLink(asyncio.Protocol):
+    """This node's connection to one peer: connects, authenticates, sends requests, routes replies.
+
+    ``send`` returns False when the link is not up, so the caller can answer Unreachable at once.
+    Requests left unanswered for ``timeout_s`` close the link; their waiters get Unreachable.
+    """
+
+    def __init__(
+        self,
+        me: int,
+        peer: NodeId,
+        host: str,
+        port: int,
+        bind: str | None,
+        secret: str,
+        on_reply: Callable[[int, Reply], None],
+        timeout_s: float,
+    ) -> None:
+        self.me = me
+        self.peer = peer
+        self.host = host
+        self.port = port
+        self.bind = bind
+        self._secret = secret.encode()
+        self._on_reply = on_reply
+        self.timeout_s = timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        self.up = False
+        self._pending: set[int] = set()  # request ids sent and not yet answered
+        self._waiting_pong = 0
+        self._last_rx = 0.0
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.connects = 0
+        self.ups = 0
+        self.failures = 0
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._drop("node stopping")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        while not self._stopping:
+            ups = self.ups
+            try:
+                self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+                local = (self.bind, 0) if self.bind else None
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: self, self.host, self.port, local_addr=local),
+                    timeout=self.timeout_s,
+                )
+                assert self._transport is not None
+                self._transport.write(_cmd(b"PEER.HELLO", self._secret, b"%d" % self.me, b"%d" % self.peer))
+                self._last_rx = loop.time()
+                # Up once the handshake is answered (a paused peer accepts TCP but never answers).
+                while self._transport is not None and not self._stopping:
+                    await asyncio.sleep(min(self.timeout_s / 4, 0.25))
+                    self._check(loop.time())
+                if self.ups != ups:
+                    backoff = 0.05
+            except (TimeoutError, OSError) as exc:
+                self.failures += 1
+                log.debug("peer %s link failed: %s", self.peer, exc)
+                self._drop(str(exc))
+            if self._stopping:
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _check(self, now: float) -> None:
+        """Heartbeat and liveness: close the link if the peer stopped answering."""
+        if self._transport is None:
+            return
+        waiting = bool(self._pending) or self._waiting_pong > 0 or not self.up
+        if waiting and now - self._last_rx > self.timeout_s:
+            log.warning("peer %s did not answer for %.1fs; reconnecting", self.peer, now - self._last_rx)
+            self._transport.abort()
+            self._drop("peer timed out")
+            return
+        if self.up and not self._pending and self._waiting_pong == 0 and now - self._last_rx > self.timeout_s / 4:
+            self._waiting_pong += 1
+            self._write(b"*1\r\n$4\r\nPING\r\n")
+
+    def _drop(self, reason: str) -> None:
+        del reason
+        self.up = False
+        self._transport = None
+        self._waiting_pong = 0
+        self._out.clear()
+        pending, self._pending = self._pending, set()
+        for req_id in pending:
+            self._on_reply(req_id, Unreachable())
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self.connects += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._drop(str(exc) if exc else "closed by peer")
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = asyncio.get_running_loop().time()
+        self._reader.feed(data)
+        while True:
+            try:
+                r = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(f"protocol error from peer: {exc}")
+                return
+            if r is _NOT_ENOUGH:
+                return
+            if isinstance(r, hiredis.ReplyError):
+                self._fail(f"peer refused the link: {r}")
+                return
+            if r == b"OK" and not self.up:
+                self.up = True
+                self.ups += 1
+                continue
+            if r == b"PONG":
+                self._waiting_pong = max(0, self._waiting_pong - 1)
+                continue
+            try:
+                assert isinstance(r, list)
+                req_id, reply = decode_reply(r)
+            except (AssertionError, ValueError, IndexError, TypeError) as exc:
+                self._fail(f"malformed reply from peer: {exc}")
+                return
+            if req_id in self._pending:
+                self._pending.discard(req_id)
+                self._on_reply(req_id, reply)
+
+    def _fail(self, reason: str) -> None:
+        log.warning("peer %s: %s", self.peer, reason)
+        if self._transport is not None:
+            self._transport.abort()
+        self._drop(reason)
+
+    def pause_writing(self) -> None:
+        pass  # bounded by the requests in flight, which are bounded by client operations
+
+    def resume_writing(self) -> None:
+        pass
+
+    # sending
+
+    def send(self, req_id: int, msg: Request) -> bool:
+        if not self.up or self._transport is None:
+            return False
+        if req_id:
+            self._pending.add(req_id)
+        self._write(encode_request(req_id, msg))
+        return True
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()

@@ -1,0 +1,326 @@
+"""RESP (REdis Serialization Protocol) for the server side: request parsing and reply encoding.
+
+Requests are parsed the way redis-server parses them (``processMultibulkBuffer`` and
+``processInlineBuffer``): multibulk arrays of bulk strings, or inline commands split like
+``sdssplitargs`` (quotes and escapes), chosen per command by its first byte, so both kinds can
+be mixed in one pipelined stream. Malformed input raises :class:`ProtocolError` carrying the
+exact text redis-server replies with; the caller answers ``-ERR <text>`` and closes the
+connection. Memory is bounded: a bulk longer than ``max_bulk`` or an argument count above
+``max_args`` is rejected from its header, before its payload is buffered.
+
+Replies are encoded for RESP2 or RESP3 (``HELLO 3``) from plain Python values; see
+:func:`encode`.
+
+This module is sans-IO: bytes in, commands out; values in, bytes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: Longest inline command or multibulk/bulk header line redis-server accepts (PROTO_INLINE_MAX_SIZE).
+MAX_INLINE = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol. ``str(exc)`` is the reply text without ``ERR``."""
+
+
+class RequestParser:
+    """Incremental request parser: ``feed`` bytes, then call ``next`` until it returns None."""
+
+    __slots__ = ("_buf", "_pos", "_args", "_want", "_need", "_chunks", "_chunked", "max_bulk", "max_args")
+
+    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_args: int = 1024 * 1024) -> None:
+        self._buf = b""
+        self._pos = 0
+        self._args: list[bytes] = []  # arguments of a multibulk command read so far
+        self._want = 0  # arguments still missing in the current multibulk command (0: none open)
+        self._need = 0  # bytes the buffer must hold (from _pos) before parsing can progress
+        self._chunks: list[bytes] = []
+        self._chunked = 0
+        self.max_bulk = max_bulk
+        self.max_args = max_args
+
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed."""
+        return len(self._buf) - self._pos + self._chunked
+
+    def feed(self, data: bytes) -> None:
+        if self._need and self.buffered() + len(data) < self._need:
+            # A large bulk is still arriving: keep the pieces and join them once, when complete.
+            self._chunks.append(data)
+            self._chunked += len(data)
+            return
+        if self._chunks:
+            data = b"".join(self._chunks) + data
+            self._chunks.clear()
+            self._chunked = 0
+        if self._pos >= len(self._buf):
+            self._buf = data
+        else:
+            self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+        self._need = 0
+
+    def next(self) -> list[bytes] | None:
+        """The next complete command, or None if more bytes are needed."""
+        while True:
+            buf = self._buf
+            pos = self._pos
+            if self._need or pos >= len(buf):
+                return None
+            if self._want == 0:
+                if buf[pos] != 42:  # not '*': an inline command
+                    cmd = self._inline()
+                    if cmd is None:
+                        return None
+                    if cmd:
+                        return cmd
+                    continue  # an empty line: ignored, like redis-server
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    if len(buf) - pos > MAX_INLINE:
+                        raise ProtocolError("Protocol error: too big mbulk count string")
+                    return None
+                try:
+                    count = int(buf[pos + 1 : nl])
+                except ValueError:
+                    raise ProtocolError("Protocol error: invalid multibulk length") from None
+                if count > self.max_args or count > 2147483647:
+                    raise ProtocolError("Protocol error: invalid multibulk length")
+                self._pos = pos = nl + 2
+                if count <= 0:
+                    continue  # an empty multibulk is skipped, like redis-server
+                self._want = count
+                self._args = []
+            # Bulk strings of the open multibulk command.
+            args = self._args
+            while self._want:
+                if pos >= len(buf):
+                    self._pos = pos
+                    return None
+                if buf[pos] != 36:  # '$'
+                    raise ProtocolError(f"Protocol error: expected '$', got '{chr(buf[pos])}'")
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    if len(buf) - pos > MAX_INLINE:
+                        raise ProtocolError("Protocol error: too big bulk count string")
+                    self._pos = pos
+                    return None
+                try:
+                    size = int(buf[pos + 1 : nl])
+                except ValueError:
+                    raise ProtocolError("Protocol error: invalid bulk length") from None
+                if size < 0 or size > self.max_bulk:
+                    raise ProtocolError("Protocol error: invalid bulk length")
+                start = nl + 2
+                end = start + size
+                if end + 2 > len(buf):
+                    self._pos = pos
+                    self._need = end + 2 - pos
+                    return None
+                args.append(buf[start:end])
+                pos = end + 2  # redis-server does not check the CRLF after the payload either
+                self._want -= 1
+            self._pos = pos
+            self._args = []
+            return args
+
+    def _inline(self) -> list[bytes] | None:
+        buf = self._buf
+        pos = self._pos
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > MAX_INLINE:
+                raise ProtocolError("Protocol error: too big inline request")
+            return None
+        if nl - pos > MAX_INLINE:
+            raise ProtocolError("Protocol error: too big inline request")
+        line = buf[pos:nl]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._pos = nl + 1
+        args = split_args(line)
+        if args is None:
+            raise ProtocolError("Protocol error: unbalanced quotes in request")
+        return args
+
+
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_SPACE = b" \n\r\t\v\f"
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def split_args(line: bytes) -> list[bytes] | None:
+    """Split an inline command like redis-server's ``sdssplitargs``; None on unbalanced quotes."""
+    if b'"' not in line and b"'" not in line:
+        return line.split()
+    out: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _SPACE:
+            i += 1
+        if i >= n:
+            return out
+        cur = bytearray()
+        in_dq = in_sq = False
+        while True:
+            if in_dq:
+                if i >= n:
+                    return None
+                c = line[i]
+                if c == 92 and i + 3 < n and line[i + 1] == ord("x") and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 92 and i + 1 < n:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 34:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        return None  # closing quote must be followed by a space or nothing
+                    in_dq = False
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif in_sq:
+                if i >= n:
+                    return None
+                c = line[i]
+                if c == 92 and i + 1 < n and line[i + 1] == 39:
+                    i += 1
+                    cur.append(39)
+                elif c == 39:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        return None
+                    in_sq = False
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            else:
+                if i >= n:
+                    break
+                c = line[i]
+                if c in _SPACE:
+                    break
+                if c == 34:
+                    in_dq = True
+                elif c == 39:
+                    in_sq = True
+                else:
+                    cur.append(c)
+            i += 1
+        out.append(bytes(cur))
+
+
+# ---- replies ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Simple:
+    """A simple string reply (``+OK``)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error reply; ``text`` starts with the error code (``ERR``, ``NOQUORUM``, ...)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verbatim:
+    """RESP3 verbatim string (``=``); a bulk string in RESP2. INFO replies with one."""
+
+    text: str
+    fmt: str = "txt"
+
+
+OK = b"+OK\r\n"
+NIL2 = b"$-1\r\n"
+NIL3 = b"_\r\n"
+PONG = b"+PONG\r\n"
+
+
+def bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def error(text: str) -> bytes:
+    """An error reply; newlines are not allowed inside, so they become spaces."""
+    return b"-" + text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + b"\r\n"
+
+
+Value = (
+    bytes
+    | str
+    | int
+    | float
+    | bool
+    | None
+    | Simple
+    | Error
+    | Verbatim
+    | list["Value"]
+    | tuple["Value", ...]
+    | Mapping[str, "Value"]
+    | Mapping[bytes, "Value"]
+)
+
+
+def encode(value: Value, resp3: bool) -> bytes:
+    """Encode a Python value as a reply.
+
+    bytes/str: bulk string; int: integer; float: double (RESP3) or bulk; bool: boolean (RESP3)
+    or integer 1/0; None: null; list/tuple: array; mapping: map (RESP3) or flat array (RESP2);
+    :class:`Simple`, :class:`Error`, :class:`Verbatim` as named.
+    """
+    out: list[bytes] = []
+    _encode(value, resp3, out)
+    return b"".join(out)
+
+
+def _encode(value: Value, resp3: bool, out: list[bytes]) -> None:
+    if isinstance(value, bytes):
+        out.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    elif isinstance(value, str):
+        data = value.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    elif isinstance(value, bool):
+        if resp3:
+            out.append(b"#t\r\n" if value else b"#f\r\n")
+        else:
+            out.append(b":1\r\n" if value else b":0\r\n")
+    elif isinstance(value, int):
+        out.append(b":%d\r\n" % value)
+    elif isinstance(value, float):
+        text = repr(value).encode()
+        out.append(b",%s\r\n" % text if resp3 else b"$%d\r\n%s\r\n" % (len(text), text))
+    elif value is None:
+        out.append(NIL3 if resp3 else NIL2)
+    elif isinstance(value, Simple):
+        out.append(b"+%s\r\n" % value.text.encode())
+    elif isinstance(value, Error):
+        out.append(error(value.text))
+    elif isinstance(value, Verbatim):
+        data = value.text.encode()
+        if resp3:
+            out.append(b"=%d\r\n%s:%s\r\n" % (len(data) + 4, value.fmt.encode(), data))
+        else:
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    elif isinstance(value, (list, tuple)):
+        out.append(b"*%d\r\n" % len(value))
+        for item in value:
+            _encode(item, resp3, out)
+    elif isinstance(value, Mapping):
+        out.append(b"%%%d\r\n" % len(value) if resp3 else b"*%d\r\n" % (2 * len(value)))
+        for k, v in value.items():
+            _encode(k, resp3, out)
+            _encode(v, resp3, out)
+    else:  # pragma: no cover - a programming error, not client input
+        raise TypeError(f"cannot encode {type(value).__name__}")

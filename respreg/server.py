@@ -1,0 +1,314 @@
+"""The asyncio driver of one node: runs :class:`~respreg.core.node.NodeCore` against real I/O.
+
+It owns the sockets (client port, peer port, links to peers), the per-key files and their group
+commit, and the timers, and carries out the core's effects. All Paxos decisions are the core's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import struct
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from .config import ServerConfig
+from .core.node import (
+    Alarm,
+    NodeConfig,
+    NodeCore,
+    NodeEffect,
+    OpDone,
+    OpTimer,
+    Outcome,
+    PeerRespond,
+    PeerSend,
+    Persist,
+)
+from .core.proposer import ProposerConfig
+from .core.types import EMPTY_STATE, AcceptorState, NodeId, Proposal, Reply, Request, Unreachable
+from .peer import PeerLink, PeerServerProtocol
+from .storage import GroupCommitter, KeyFiles, NodeInfo, open_node
+
+if TYPE_CHECKING:
+    from .client import ClientProtocol
+
+log = logging.getLogger("respreg.server")
+
+_UNREACHABLE = Unreachable()
+_ALARMS_LOGGED_MAX = 10_000
+
+
+class NodeServer:
+    def __init__(self, config: ServerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.me = NodeId(config.node_id)
+        self.started = time.time()
+        self.run_id = os.urandom(20).hex()
+        self.clients: dict[int, ClientProtocol] = {}
+        self._next_client = 1
+        self.stats = {
+            "total_connections_received": 0,
+            "total_commands_processed": 0,
+            "rejected_connections": 0,
+            "protocol_errors": 0,
+        }
+        self._ops: dict[int, asyncio.Future[Outcome]] = {}
+        self._timers: dict[int, list[asyncio.TimerHandle]] = {}
+        self._next_op = 1
+        self._routes: dict[int, tuple[PeerServerProtocol, int]] = {}
+        self._next_route = 1
+        self._alarmed: set[bytes] = set()
+        self.alarms = 0
+        self.links: dict[NodeId, PeerLink] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._handle: NodeInfo | None = None
+        self._files: KeyFiles | None = None
+        self.committer: GroupCommitter | None = None
+        self.core: NodeCore | None = None
+        self.incarnation = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the data directory, bind both ports and dial the peers. Raises on failure."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self._handle = open_node(cfg.data_dir, cfg.node_id)
+        self.incarnation = self._handle.incarnation
+        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads)
+        self.committer = GroupCommitter(self._files, loop)
+        node_config = NodeConfig(
+            proposer=ProposerConfig(attempt_timeout_ms=cfg.attempt_timeout_ms, deadline_ms=cfg.deadline_ms),
+            state_cache_keys=cfg.state_cache_keys,
+            chosen_cache_keys=cfg.chosen_cache_keys,
+            chosen_cache_bytes=cfg.chosen_cache_bytes,
+        )
+        rng = random.Random(os.urandom(16))
+        self.core = NodeCore(
+            self.me, [NodeId(p.node_id) for p in cfg.peers], self.incarnation, self._load, rng.random, node_config
+        )
+        members = frozenset(p.node_id for p in cfg.peers)
+        try:
+            from .client import ClientProtocol
+
+            self._servers.append(
+                await loop.create_server(
+                    partial(
+                        PeerServerProtocol,
+                        cfg.node_id,
+                        members,
+                        cfg.cluster_secret,
+                        self._on_peer_request,
+                        cfg.proto_max_bulk_len,
+                    ),
+                    cfg.bind,
+                    cfg.peer_port,
+                    reuse_address=True,
+                    backlog=512,
+                )
+            )
+            self._servers.append(
+                await loop.create_server(
+                    lambda: ClientProtocol(self), cfg.bind, cfg.port, reuse_address=True, backlog=1024
+                )
+            )
+        except OSError:
+            await self.stop()
+            raise
+        bind = cfg.bind if cfg.bind not in ("", "0.0.0.0", "::") else None
+        for p in cfg.peers:
+            if p.node_id == cfg.node_id:
+                continue
+            link = PeerLink(
+                cfg.node_id,
+                NodeId(p.node_id),
+                p.host,
+                p.port,
+                bind,
+                cfg.cluster_secret,
+                self._on_peer_reply,
+                cfg.peer_timeout_ms / 1000,
+            )
+            self.links[NodeId(p.node_id)] = link
+            link.start()
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        for c in list(self.clients.values()):
+            c.abort()
+        for link in self.links.values():
+            await link.stop()
+        for handles in self._timers.values():
+            for h in handles:
+                h.cancel()
+        if self.committer is not None:
+            await self.committer.close()
+        if self._files is not None:
+            self._files.close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _load(self, key: bytes) -> AcceptorState:
+        assert self._files is not None
+        state = self._files.load(key)
+        return EMPTY_STATE if state is None else state
+
+    # ---- client side -------------------------------------------------------------------------
+
+    def register_client(self, client: ClientProtocol) -> int:
+        cid = self._next_client
+        self._next_client += 1
+        self.clients[cid] = client
+        self.stats["total_connections_received"] += 1
+        return cid
+
+    def unregister_client(self, cid: int) -> None:
+        self.clients.pop(cid, None)
+
+    def chosen_value(self, key: bytes) -> bytes | None:
+        """The value this node already knows is chosen for ``key`` (answerable from memory)."""
+        assert self.core is not None
+        p = self.core.chosen(key)
+        return None if p is None else p.value
+
+    def write(self, key: bytes, value: bytes) -> tuple[asyncio.Future[Outcome], bytes]:
+        """Start a SETONCE; returns the outcome future and the proposal id of this call."""
+        assert self.core is not None
+        op_id = self._new_op()
+        pid = struct.pack(">HQQ", self.me, self.incarnation, op_id)
+        fut = self._ops[op_id]
+        self._apply(self.core.begin_write(op_id, key, Proposal(pid, value)))
+        return fut, pid
+
+    def read(self, key: bytes) -> asyncio.Future[Outcome]:
+        """Start a linearizable GET."""
+        assert self.core is not None
+        op_id = self._new_op()
+        fut = self._ops[op_id]
+        self._apply(self.core.begin_read(op_id, key))
+        return fut
+
+    def _new_op(self) -> int:
+        op_id = self._next_op
+        self._next_op += 1
+        self._ops[op_id] = asyncio.get_running_loop().create_future()
+        return op_id
+
+    # ---- peer side ---------------------------------------------------------------------------
+
+    def _on_peer_request(self, sender: NodeId, req_id: int, msg: Request, link: PeerServerProtocol) -> None:
+        assert self.core is not None
+        route = 0
+        if req_id:
+            # Requests are renumbered locally: two links of one peer (before and after its
+            # restart) may reuse request ids, and a reply must go back to exactly its request.
+            route = self._next_route
+            self._next_route += 1
+            self._routes[route] = (link, req_id)
+        self._apply(self.core.on_request(sender, route, msg))
+
+    def _on_peer_reply(self, req_id: int, reply: Reply) -> None:
+        assert self.core is not None
+        self._apply(self.core.on_peer_reply(req_id, reply))
+
+    def _persisted(self, key: bytes, version: int, error: BaseException | None) -> None:
+        assert self.core is not None
+        self._apply(self.core.on_persisted(key, version, error))
+
+    def _timer(self, op_id: int, token: int) -> None:
+        assert self.core is not None
+        self._apply(self.core.on_timer(op_id, token))
+
+    # ---- effects -----------------------------------------------------------------------------
+
+    def _apply(self, effects: list[NodeEffect]) -> None:
+        loop = asyncio.get_running_loop()
+        for e in effects:
+            if isinstance(e, PeerRespond):
+                target = self._routes.pop(e.req_id, None)
+                if target is not None:
+                    target[0].respond(target[1], e.reply)
+            elif isinstance(e, PeerSend):
+                link = self.links.get(e.to)
+                if (link is None or not link.send(e.req_id, e.msg)) and e.req_id:
+                    loop.call_soon(self._on_peer_reply, e.req_id, _UNREACHABLE)
+            elif isinstance(e, Persist):
+                assert self.committer is not None
+                self.committer.submit(e.key, e.state, partial(self._persisted, e.key, e.version))
+            elif isinstance(e, OpTimer):
+                handle = loop.call_later(e.delay_ms / 1000, self._timer, e.op_id, e.token)
+                self._timers.setdefault(e.op_id, []).append(handle)
+            elif isinstance(e, OpDone):
+                for h in self._timers.pop(e.op_id, ()):
+                    h.cancel()
+                fut = self._ops.pop(e.op_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(e.outcome)
+            elif isinstance(e, Alarm):
+                self.alarms += 1
+                if e.key not in self._alarmed and len(self._alarmed) < _ALARMS_LOGGED_MAX:
+                    self._alarmed.add(e.key)
+                    log.error("key %r: %s", e.key[:200], e.reason)
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def peers_up(self) -> int:
+        return sum(1 for link in self.links.values() if link.up)
+
+    def info_fields(self) -> dict[str, dict[str, str | int]]:
+        """INFO sections this node adds beyond the generic ones (see respreg.commands)."""
+        assert self.core is not None and self.committer is not None
+        paxos: dict[str, str | int] = {
+            "node_id": self.config.node_id,
+            "incarnation": self.incarnation,
+            "cluster_size": len(self.config.peers),
+            "quorum": len(self.config.peers) // 2 + 1,
+            "peers_up": self.peers_up(),
+            "ops_in_flight": self.core.ops_in_flight(),
+            "cached_states": self.core.cached_states(),
+            "cached_chosen": self.core.cached_chosen(),
+            "alarms": self.alarms,
+        }
+        paxos.update(self.core.stats)
+        for nid, link in sorted(self.links.items()):
+            paxos[f"peer{nid}"] = f"addr={link.host}:{link.port},up={int(link.up)},connects={link.ups}"
+        persistence: dict[str, str | int] = {
+            "group_commit_batches": self.committer.batches,
+            "group_commit_writes": self.committer.writes,
+            "group_commit_pending": self.committer.pending(),
+            "fsync_errors": self.committer.fsync_errors,
+            "data_dir": str(self.config.data_dir),
+        }
+        return {"persistence": persistence, "paxos": paxos}
+
+
+def run_forever(config: ServerConfig, on_ready: Callable[[NodeServer], None] | None = None) -> None:
+    """Run one node until SIGINT/SIGTERM (used by ``respreg serve``)."""
+    import signal
+
+    async def main() -> None:
+        server = NodeServer(config)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,665 @@
+"""Durable storage for the node: one acceptor-state file per key, plus the node's own metadata.
+
+This module is the only place that reads or writes per-key files. Everything else asks
+:class:`KeyFiles` (blocking, for worker threads) or :class:`GroupCommitter` (asyncio front end
+that batches writes so many keys share one round of fsyncs).
+
+Layout of a data directory::
+
+    data_dir/
+        LOCK            held with an exclusive flock while a node process uses the directory
+        node.meta       node id and incarnation (see "node.meta format" below)
+        keys/
+            ab/cd/abcd...   one file per key, named by a hash of the key
+
+Per-key file names
+------------------
+Keys are arbitrary bytes (any length, any byte values, the empty key included). A key's file
+name is ``blake2b(key, digest_size=16).hexdigest()`` (32 hex characters), placed at
+``keys/<hex[0:2]>/<hex[2:4]>/<hex>`` so that no single directory grows past a few thousand
+entries even with millions of keys. The file repeats the full key; a file whose stored key
+differs from the key asked for is reported as corrupt, never answered for the wrong key.
+
+Per-key file format (version 1)
+-------------------------------
+All integers are big-endian. The file is exactly header + body; anything else is corrupt.
+
+Header, 13 bytes:
+
+    ======  =====  ================================================
+    offset  size   field
+    ======  =====  ================================================
+    0       4      magic ``b"RREG"``
+    4       1      format version, ``1``
+    5       4      body length in bytes (unsigned)
+    9       4      CRC-32 (``zlib.crc32``) of the body (unsigned)
+    ======  =====  ================================================
+
+Body:
+
+    ==========================  ==================================================
+    field                       encoding
+    ==========================  ==================================================
+    key                         u32 length, then the key bytes
+    promised ballot             round, node, incarnation: 3 x signed 64-bit
+    accepted ballot             round, node, incarnation: 3 x signed 64-bit
+    proposal present            1 byte: ``0`` (absent) or ``1`` (present)
+    proposal id (if present)    u32 length, then the bytes
+    value (if present)          u32 length, then the bytes
+    ==========================  ==================================================
+
+Writes are crash-safe: a new state is written to a temporary file in the same directory
+(``.<name>.<random hex>.tmp``), fsynced, renamed over the final name, and the directory is
+fsynced before the write counts as done. Readers ignore temporary files; a crash leaves either
+the old or the new file, never a mix.
+
+node.meta format (version 1)
+----------------------------
+25 bytes: magic ``b"RNOD"``, version byte ``1``, node id (signed 64-bit), incarnation
+(signed 64-bit), CRC-32 of the preceding 21 bytes (unsigned 32-bit). Written with the same
+temp-file / fsync / rename / fsync-directory discipline. The incarnation is incremented on
+every start so that ballots of a restarted node never repeat ballots of an earlier life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+from types import TracebackType
+from typing import Self, TypeVar
+
+from respreg.core.types import AcceptorState, Ballot, Proposal
+
+__all__ = [
+    "CorruptStateError",
+    "DataDirError",
+    "DataDirLock",
+    "GroupCommitter",
+    "KeyFiles",
+    "NodeInfo",
+    "NodeMeta",
+    "decode_state",
+    "encode_state",
+    "open_node",
+]
+
+_T = TypeVar("_T")
+logger = logging.getLogger(__name__)
+
+
+class CorruptStateError(Exception):
+    """A per-key file exists but does not hold a valid state for the key asked for."""
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used. The message is one line, suitable for the CLI."""
+
+
+# ---- encoding of per-key files ---------------------------------------------------------------
+
+MAGIC = b"RREG"
+FORMAT_VERSION = 1
+
+_HEADER = struct.Struct(">4sBII")  # magic, version, body length, crc32 of body
+_U32 = struct.Struct(">I")
+_BALLOT = struct.Struct(">qqq")
+_FLAG = struct.Struct(">B")
+_U32_MAX = 0xFFFFFFFF
+
+
+def _put_blob(parts: list[bytes], blob: bytes, what: str) -> None:
+    if len(blob) > _U32_MAX:
+        raise ValueError(f"{what} is too long to store ({len(blob)} bytes)")
+    parts.append(_U32.pack(len(blob)))
+    parts.append(blob)
+
+
+def _pack_ballot(ballot: Ballot, what: str) -> bytes:
+    try:
+        return _BALLOT.pack(ballot.round, ballot.node, ballot.incarnation)
+    except struct.error as exc:
+        raise ValueError(f"{what} ballot {ballot!r} does not fit in signed 64-bit fields") from exc
+
+
+def encode_state(key: bytes, state: AcceptorState) -> bytes:
+    """Return the complete file contents (header + body) storing ``state`` for ``key``."""
+    parts: list[bytes] = []
+    _put_blob(parts, key, "key")
+    parts.append(_pack_ballot(state.promised, "promised"))
+    parts.append(_pack_ballot(state.accepted, "accepted"))
+    if state.proposal is None:
+        parts.append(_FLAG.pack(0))
+    else:
+        parts.append(_FLAG.pack(1))
+        _put_blob(parts, state.proposal.pid, "proposal id")
+        _put_blob(parts, state.proposal.value, "value")
+    body = b"".join(parts)
+    if len(body) > _U32_MAX:
+        raise ValueError(f"state for key is too large to store ({len(body)} bytes)")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body), zlib.crc32(body))
+    return header + body
+
+
+class _BodyReader:
+    """Bounds-checked sequential reads from a file body; raises CorruptStateError on overrun."""
+
+    def __init__(self, data: memoryview, path: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._path = path
+
+    def _need(self, n: int, what: str) -> None:
+        if self._pos + n > len(self._data):
+            raise CorruptStateError(f"corrupt state file {self._path}: body ends inside the {what}")
+
+    def blob(self, what: str) -> bytes:
+        self._need(_U32.size, f"{what} length")
+        (length,) = _U32.unpack_from(self._data, self._pos)
+        self._pos += _U32.size
+        self._need(length, what)
+        out = bytes(self._data[self._pos : self._pos + length])
+        self._pos += length
+        return out
+
+    def ballot(self, what: str) -> Ballot:
+        self._need(_BALLOT.size, f"{what} ballot")
+        rnd, node, inc = _BALLOT.unpack_from(self._data, self._pos)
+        self._pos += _BALLOT.size
+        return Ballot(rnd, node, inc)
+
+    def flag(self, what: str) -> int:
+        self._need(_FLAG.size, what)
+        (value,) = _FLAG.unpack_from(self._data, self._pos)
+        self._pos += _FLAG.size
+        return int(value)
+
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+
+def decode_state(data: bytes, expected_key: bytes, path_for_message: Path | str) -> AcceptorState:
+    """Parse a per-key file's contents; raise CorruptStateError unless they are valid for
+    ``expected_key``. ``path_for_message`` only appears in error messages."""
+    where = str(path_for_message)
+
+    def corrupt(reason: str) -> CorruptStateError:
+        return CorruptStateError(f"corrupt state file {where}: {reason}")
+
+    if len(data) < _HEADER.size:
+        raise corrupt(f"truncated header ({len(data)} of {_HEADER.size} bytes)")
+    magic, version, body_len, crc = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise corrupt(f"bad magic {magic!r} (expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise corrupt(f"unsupported format version {version} (expected {FORMAT_VERSION})")
+    actual_body = len(data) - _HEADER.size
+    if actual_body < body_len:
+        raise corrupt(f"truncated: header says {body_len} body bytes, file has {actual_body}")
+    if actual_body > body_len:
+        raise corrupt(f"{actual_body - body_len} bytes of trailing garbage after the body")
+    body = memoryview(data)[_HEADER.size :]
+    if zlib.crc32(body) != crc:
+        raise corrupt("checksum mismatch")
+
+    reader = _BodyReader(body, where)
+    key = reader.blob("key")
+    if key != expected_key:
+        raise corrupt(f"file holds key {key!r}, not the requested key {expected_key!r}")
+    promised = reader.ballot("promised")
+    accepted = reader.ballot("accepted")
+    present = reader.flag("proposal flag")
+    proposal: Proposal | None
+    if present == 0:
+        proposal = None
+    elif present == 1:
+        pid = reader.blob("proposal id")
+        value = reader.blob("value")
+        proposal = Proposal(pid=pid, value=value)
+    else:
+        raise corrupt(f"bad proposal flag {present} (expected 0 or 1)")
+    if reader.remaining():
+        raise corrupt(f"{reader.remaining()} unexpected bytes at the end of the body")
+    return AcceptorState(promised=promised, accepted=accepted, proposal=proposal)
+
+
+# ---- low-level durable file helpers ----------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _replace_durably(final: Path, data: bytes) -> None:
+    """Write ``data`` to a fresh temp file next to ``final``, fsync it, rename it onto ``final``.
+
+    Does not fsync the directory (callers batch that). On failure the temp file is removed when
+    possible and the error is re-raised.
+    """
+    tmp = _temp_name(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _makedirs_durably(path: Path) -> None:
+    """Create ``path`` and any missing ancestors, fsyncing each new directory's parent."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue
+        _fsync_dir(directory.parent)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+
+
+# ---- per-key files ---------------------------------------------------------------------------
+
+
+class KeyFiles:
+    """One durable file per key under ``root``. Blocking; safe to call from several threads."""
+
+    def __init__(self, root: Path, *, workers: int = 8) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.root = Path(root)
+        _makedirs_durably(self.root)
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="respreg-io")
+        # Leaf directories known to exist with a durable entry in their parent.
+        self._known_dirs: set[Path] = set()
+        self._unsynced_parents: set[Path] = set()
+        self._dir_lock = Lock()
+
+    def path_for(self, key: bytes) -> Path:
+        """The file that holds ``key``'s state (whether or not it exists yet)."""
+        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        return self.root / name[0:2] / name[2:4] / name
+
+    def load(self, key: bytes) -> AcceptorState | None:
+        """Return the stored state of ``key``, or None if the key was never written.
+
+        Raises CorruptStateError if the file is invalid; other I/O errors propagate as OSError.
+        """
+        path = self.path_for(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return decode_state(data, key, path)
+
+    def write_many(self, items: Sequence[tuple[bytes, AcceptorState]]) -> None:
+        """Durably store every (key, state); all of them are on disk when this returns.
+
+        If one key appears several times, the last state wins. On error some files may already
+        hold their new state; the call as a whole must be treated as failed.
+        """
+        latest: dict[bytes, AcceptorState] = {}
+        for key, state in items:
+            latest[key] = state
+        if not latest:
+            return
+        jobs = [(self.path_for(key), encode_state(key, state)) for key, state in latest.items()]
+        leaves = list(dict.fromkeys(path.parent for path, _ in jobs))
+        self._ensure_dirs(leaves)
+        self._run_all(lambda job: _replace_durably(job[0], job[1]), jobs)
+        self._run_all(_fsync_dir, leaves)
+
+    def close(self) -> None:
+        """Stop the worker threads (waits for running writes)."""
+        self._pool.shutdown(wait=True)
+
+    def _run_all(self, fn: Callable[[_T], None], args: Sequence[_T]) -> None:
+        """Run ``fn`` on every argument, in parallel for more than one; wait for all of them,
+        then raise the first error if any failed."""
+        if len(args) == 1 or self._workers == 1:
+            for arg in args:
+                fn(arg)
+            return
+        futures: list[Future[None]] = [self._pool.submit(fn, arg) for arg in args]
+        first_error: BaseException | None = None
+        for future in futures:
+            error = future.exception()
+            if error is not None and first_error is None:
+                first_error = error
+        if first_error is not None:
+            raise first_error
+
+    def _ensure_dirs(self, leaves: Iterable[Path]) -> None:
+        """Create missing fan-out directories; fsync each parent that gained an entry once."""
+        with self._dir_lock:
+            wanted = [leaf for leaf in leaves if leaf not in self._known_dirs]
+            if not wanted:
+                return
+            tops = list(dict.fromkeys(leaf.parent for leaf in wanted))
+            for level in (tops, wanted):
+                for directory in level:
+                    try:
+                        os.mkdir(directory, 0o755)
+                    except FileExistsError:
+                        continue
+                    # Remembered until its fsync succeeds, so a failed fsync is retried by the
+                    # next call even though the directory then already exists.
+                    self._unsynced_parents.add(directory.parent)
+                parents = sorted(self._unsynced_parents)
+                self._run_all(_fsync_dir, parents)
+                self._unsynced_parents.difference_update(parents)
+            self._known_dirs.update(wanted)
+
+
+# ---- group commit ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Queued:
+    state: AcceptorState
+    callbacks: list[Callable[[BaseException | None], None]]
+
+
+class GroupCommitter:
+    """Batches concurrent writes so that they share fsyncs (group commit).
+
+    All methods except the constructor must be called on ``loop``'s thread. While one batch is
+    being written, new submissions queue up and form the next batch; a write to a key that is
+    still queued (not yet started) replaces the queued state and keeps every callback.
+
+    Counters for monitoring: ``batches`` (batches run), ``writes`` (key states written
+    successfully), ``fsync_errors`` (batches that failed), ``coalesced`` (submissions merged
+    into an already queued write of the same key).
+
+    The committer does not own ``files``; close it separately after :meth:`close`.
+    """
+
+    def __init__(self, files: KeyFiles, loop: asyncio.AbstractEventLoop, *, max_batch: int = 4096) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._files = files
+        self._loop = loop
+        self._max_batch = max_batch
+        self._driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="respreg-commit")
+        self._queue: dict[bytes, _Queued] = {}
+        self._inflight = 0
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self.batches = 0
+        self.writes = 0
+        self.fsync_errors = 0
+        self.coalesced = 0
+
+    def submit(
+        self,
+        key: bytes,
+        state: AcceptorState,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue a durable write of ``state`` for ``key``; ``done`` is later called on the loop
+        with None once it is on disk, or with the exception if the write failed."""
+        if self._closed:
+            raise RuntimeError("GroupCommitter is closed")
+        queued = self._queue.get(key)
+        if queued is None:
+            self._queue[key] = _Queued(state, [done])
+        else:
+            queued.state = state
+            queued.callbacks.append(done)
+            self.coalesced += 1
+        if self._task is None:
+            self._idle.clear()
+            self._task = self._loop.create_task(self._drive())
+
+    def pending(self) -> int:
+        """Writes not yet completed: queued keys plus keys of the batch being written."""
+        return len(self._queue) + self._inflight
+
+    async def close(self) -> None:
+        """Wait until every submitted write has completed, then stop accepting new ones."""
+        while self._task is not None:
+            await self._idle.wait()
+        self._closed = True
+        self._driver.shutdown(wait=False)
+
+    async def _drive(self) -> None:
+        try:
+            while self._queue:
+                keys = list(itertools.islice(self._queue, self._max_batch))
+                batch = [(key, self._queue.pop(key)) for key in keys]
+                self._inflight = len(batch)
+                items = [(key, queued.state) for key, queued in batch]
+                write = self._loop.run_in_executor(self._driver, self._files.write_many, items)
+                try:
+                    await asyncio.wait([write])
+                except asyncio.CancelledError as exc:
+                    # Shutting down mid-batch: nothing is known to be durable; tell everyone.
+                    self._inflight = 0
+                    rest = list(self._queue.values())
+                    self._queue.clear()
+                    for queued in [q for _, q in batch] + rest:
+                        self._notify(queued, exc)
+                    raise
+                error: BaseException | None = asyncio.CancelledError() if write.cancelled() else write.exception()
+                self.batches += 1
+                if error is None:
+                    self.writes += len(items)
+                else:
+                    self.fsync_errors += 1
+                self._inflight = 0
+                for _, queued in batch:
+                    self._notify(queued, error)
+        finally:
+            self._inflight = 0
+            self._task = None
+            self._idle.set()
+
+    @staticmethod
+    def _notify(queued: _Queued, error: BaseException | None) -> None:
+        for callback in queued.callbacks:
+            try:
+                callback(error)
+            except Exception:  # one faulty callback must not starve the others
+                logger.exception("GroupCommitter callback failed")
+
+
+# ---- node metadata and data directory --------------------------------------------------------
+
+META_NAME = "node.meta"
+LOCK_NAME = "LOCK"
+KEYS_DIR_NAME = "keys"
+
+_META = struct.Struct(">4sBqq")
+_META_MAGIC = b"RNOD"
+_META_VERSION = 1
+_META_SIZE = _META.size + _U32.size
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """Contents of ``node.meta``: which node owns the directory and how often it started."""
+
+    node_id: int
+    incarnation: int
+
+    def encode(self) -> bytes:
+        head = _META.pack(_META_MAGIC, _META_VERSION, self.node_id, self.incarnation)
+        return head + _U32.pack(zlib.crc32(head))
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeMeta:
+        """Parse ``node.meta``; raises ValueError with the reason when it is invalid."""
+        if len(data) != _META_SIZE:
+            raise ValueError(f"wrong size ({len(data)} bytes, expected {_META_SIZE})")
+        head = data[: _META.size]
+        (crc,) = _U32.unpack_from(data, _META.size)
+        magic, version, node_id, incarnation = _META.unpack(head)
+        if magic != _META_MAGIC:
+            raise ValueError(f"bad magic {magic!r}")
+        if version != _META_VERSION:
+            raise ValueError(f"unsupported version {version}")
+        if zlib.crc32(head) != crc:
+            raise ValueError("checksum mismatch")
+        return cls(node_id=node_id, incarnation=incarnation)
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``data_dir/LOCK``, held until :meth:`release`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DataDirError(f"data directory {data_dir} is not writable: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DataDirError(f"data directory {data_dir} is in use by another process") from exc
+            raise DataDirError(f"cannot lock data directory {data_dir}: {exc.strerror or exc}") from exc
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock (closing the descriptor drops the flock). Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node's identity for this run, and the lock that keeps its data directory exclusive."""
+
+    node_id: int
+    incarnation: int
+    data_dir: Path
+    keys_dir: Path
+    lock: DataDirLock = field(repr=False, compare=False)
+
+    def close(self) -> None:
+        """Release the data directory lock."""
+        self.lock.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def open_node(data_dir: Path, node_id: int) -> NodeInfo:
+    """Claim ``data_dir`` for node ``node_id`` and start a new incarnation.
+
+    Creates the directory if needed, locks it against other processes, checks that it belongs
+    to ``node_id``, and durably records the incremented incarnation before returning. Raises
+    DataDirError (one-line message) if the directory cannot be used. The caller must keep the
+    returned NodeInfo (and so the lock) for the life of the process.
+    """
+    if not -(2**63) <= node_id < 2**63:
+        raise ValueError(f"node id {node_id} does not fit in a signed 64-bit integer")
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataDirError(f"data directory {data_dir} exists but is not a directory")
+    try:
+        _makedirs_durably(data_dir)
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {data_dir}: {_reason(exc)}") from exc
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataDirError(f"data directory {data_dir} is not writable")
+
+    lock = DataDirLock(data_dir)
+    try:
+        meta_path = data_dir / META_NAME
+        try:
+            data: bytes | None = meta_path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        except OSError as exc:
+            raise DataDirError(f"cannot read {meta_path}: {_reason(exc)}") from exc
+
+        if data is None:
+            meta = NodeMeta(node_id=node_id, incarnation=1)
+        else:
+            try:
+                old = NodeMeta.decode(data)
+            except ValueError as exc:
+                raise DataDirError(f"{meta_path} is corrupt ({exc}); refusing to start with it") from exc
+            if old.node_id != node_id:
+                raise DataDirError(f"data directory {data_dir} belongs to node {old.node_id}, not node {node_id}")
+            meta = NodeMeta(node_id=node_id, incarnation=old.incarnation + 1)
+
+        try:
+            _replace_durably(meta_path, meta.encode())
+            _fsync_dir(data_dir)
+        except (OSError, struct.error) as exc:
+            reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise DataDirError(f"cannot write {meta_path}: {reason}") from exc
+    except BaseException:
+        lock.release()
+        raise
+
+    return NodeInfo(
+        node_id=node_id,
+        incarnation=meta.incarnation,
+        data_dir=data_dir,
+        keys_dir=data_dir / KEYS_DIR_NAME,
+        lock=lock,
+    )

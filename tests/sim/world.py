@@ -1,0 +1,658 @@
+"""A seeded discrete-event world that runs real :class:`NodeCore` objects.
+
+Everything that happens is an event on one heap of ``(time, seq, callback)``; the world owns the
+only source of randomness (``random.Random``), so one seed always replays the same run. There is
+no wall clock, no thread and no asyncio here. Time is in milliseconds.
+
+What the world models:
+
+- Nodes: each runs a real ``NodeCore``. A crash discards the object with its timers, its pending
+  disk writes and its client operations (these end *indeterminate*); a restart builds a new
+  ``NodeCore`` with ``incarnation + 1`` whose ``load`` reads the simulated disk.
+- Disk: one dict ``key -> AcceptorState`` per node. A ``Persist`` lands after a random delay
+  (writes of one key land in the order they were issued), then ``on_persisted`` is called. A
+  crash before that loses the write.
+- Network: every request and reply may be lost, delayed (sometimes for long), duplicated and so
+  reordered, at rates each seed picks for itself. A request that reaches a crashed node makes the
+  sender see ``Unreachable`` with some probability, otherwise it vanishes. A reply is delivered
+  only to the same incarnation that sent the request (a real connection dies with its process).
+- Oracle: every accepted state that reached a disk is recorded per ``(key, ballot)``, which tells
+  what was truly chosen (accepted by a majority at one ballot) and when.
+
+The world checks, as they happen: a Promise/Accepted/State reply leaves a node only once the disk
+holds that state (fsync before reply); a node's durable state never goes backwards; at most one
+proposal is chosen per key; no operation outlives its deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+from respreg.core.node import (
+    Alarm,
+    NodeConfig,
+    NodeCore,
+    NodeEffect,
+    OpDone,
+    OpTimer,
+    PeerRespond,
+    PeerSend,
+    Persist,
+)
+from respreg.core.proposer import Chosen, Empty, Outcome
+from respreg.core.types import (
+    EMPTY_STATE,
+    NO_BALLOT,
+    Accepted,
+    AcceptorState,
+    Ballot,
+    Learn,
+    NodeId,
+    Promise,
+    Proposal,
+    Reply,
+    Request,
+    State,
+    Unreachable,
+)
+
+# ---- fault profile ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Faults:
+    """How hostile the world is. Each seed draws its own profile with :meth:`draw`."""
+
+    loss: float = 0.0
+    dup: float = 0.0
+    delay_min_ms: float = 0.5
+    delay_max_ms: float = 3.0
+    #: Chance that a message takes a long time, up to ``slow_max_ms``.
+    slow: float = 0.0
+    slow_max_ms: float = 0.0
+    #: Chance that a request reaching a crashed node makes its sender see ``Unreachable``.
+    unreachable: float = 0.5
+    #: Chance that the sender of a delivered request also sees ``Unreachable`` (a driver timeout).
+    spurious_unreachable: float = 0.0
+    #: Mean time between crash attempts; None: no random crashes.
+    crash_every_ms: float | None = None
+    down_min_ms: float = 10.0
+    down_max_ms: float = 500.0
+    persist_min_ms: float = 0.05
+    persist_max_ms: float = 2.0
+    #: Chance that a node crashes at once after it sent a Promise or Accepted reply.
+    crash_after_reply: float = 0.0
+
+    @staticmethod
+    def draw(rng: random.Random) -> Faults:
+        delay_min = rng.choice([0.05, 0.5, 1.0])
+        return Faults(
+            loss=rng.choice([0.0, 0.01, 0.05, 0.15, 0.3]),
+            dup=rng.choice([0.0, 0.02, 0.1, 0.3]),
+            delay_min_ms=delay_min,
+            delay_max_ms=delay_min + rng.choice([0.5, 3.0, 10.0, 40.0]),
+            slow=rng.choice([0.0, 0.01, 0.05, 0.15]),
+            slow_max_ms=rng.choice([100.0, 700.0, 2500.0]),
+            unreachable=rng.choice([0.0, 0.5, 0.9, 1.0]),
+            spurious_unreachable=rng.choice([0.0, 0.0, 0.01, 0.05]),
+            crash_every_ms=rng.choice([None, 200.0, 600.0, 2000.0]),
+            down_min_ms=rng.choice([1.0, 20.0]),
+            down_max_ms=rng.choice([100.0, 600.0, 2000.0]),
+            persist_min_ms=rng.choice([0.01, 0.2]),
+            persist_max_ms=rng.choice([0.5, 3.0, 20.0]),
+        )
+
+    def healed(self) -> Faults:
+        """No loss, no duplicates, short delays, no crashes; the disk keeps its speed."""
+        return replace(
+            self,
+            loss=0.0,
+            dup=0.0,
+            delay_min_ms=0.2,
+            delay_max_ms=3.0,
+            slow=0.0,
+            spurious_unreachable=0.0,
+            crash_every_ms=None,
+            crash_after_reply=0.0,
+        )
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+@dataclass
+class OpRecord:
+    """One client operation as the client saw it."""
+
+    op_id: int
+    client: int
+    node: int
+    kind: str  # "write" or "read"
+    key: bytes
+    proposal: Proposal | None  # what a write proposed; None for a read
+    invoke: float
+    complete: float | None = None
+    outcome: Outcome | None = None
+    #: The node crashed while the operation ran: it may or may not have taken effect.
+    crashed: bool = False
+    phase: str = "safety"
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None or self.crashed
+
+    def describe(self) -> str:
+        what = f"SETONCE {self.key!r} pid={self.proposal.pid!r} value={self.proposal.value!r}" if self.proposal else (
+            f"GET {self.key!r}"
+        )
+        if self.crashed:
+            res = "indeterminate (node crashed)"
+        elif self.outcome is None:
+            res = "pending"
+        else:
+            res = describe_outcome(self.outcome, self.proposal)
+        end = "?" if self.complete is None else f"{self.complete:.3f}"
+        return f"op#{self.op_id} c{self.client}@n{self.node} [{self.invoke:.3f}..{end}] {what} -> {res}"
+
+
+def describe_outcome(outcome: Outcome, own: Proposal | None) -> str:
+    if isinstance(outcome, Chosen):
+        p = outcome.proposal
+        if own is not None:
+            tag = "+OK" if p.pid == own.pid else "nil"
+            return f"{tag} (chosen pid={p.pid!r} value={p.value!r})"
+        return f"{p.value!r} (pid={p.pid!r})"
+    if isinstance(outcome, Empty):
+        return "nil (empty)"
+    return f"-{outcome.kind.value} {outcome.reason}"
+
+
+@dataclass(frozen=True)
+class ChosenRecord:
+    time: float
+    ballot: Ballot
+    proposal: Proposal
+
+
+class Oracle:
+    """What acceptors made durable, hence what was truly chosen, per key."""
+
+    def __init__(self, majority: int) -> None:
+        self.majority = majority
+        self.acceptors: dict[tuple[bytes, Ballot], set[int]] = {}
+        self.proposal_at: dict[tuple[bytes, Ballot], Proposal] = {}
+        self.chosen: dict[bytes, list[ChosenRecord]] = {}
+        self.violations: list[str] = []
+
+    def on_durable(self, now: float, node: int, key: bytes, state: AcceptorState) -> ChosenRecord | None:
+        if state.accepted == NO_BALLOT or state.proposal is None:
+            return None
+        kb = (key, state.accepted)
+        known = self.proposal_at.setdefault(kb, state.proposal)
+        if known != state.proposal:
+            self.violations.append(
+                f"t={now:.3f} ballot {tuple(state.accepted)} of key {key!r} carries two proposals: "
+                f"{known} and {state.proposal}"
+            )
+        nodes = self.acceptors.setdefault(kb, set())
+        if node in nodes:
+            return None
+        nodes.add(node)
+        if len(nodes) != self.majority:
+            return None
+        rec = ChosenRecord(now, state.accepted, state.proposal)
+        earlier = self.chosen.setdefault(key, [])
+        for other in earlier:
+            if other.proposal != rec.proposal:
+                self.violations.append(
+                    f"t={now:.3f} SAFETY: key {key!r} has two chosen proposals: {other.proposal} at ballot "
+                    f"{tuple(other.ballot)} (t={other.time:.3f}) and {rec.proposal} at ballot {tuple(rec.ballot)}"
+                )
+        earlier.append(rec)
+        return rec
+
+    def first_chosen(self, key: bytes) -> ChosenRecord | None:
+        recs = self.chosen.get(key)
+        return recs[0] if recs else None
+
+
+# ---- the world -------------------------------------------------------------------------------
+
+
+class Host:
+    """A machine: its disk survives crashes, its ``NodeCore`` does not."""
+
+    def __init__(self, nid: NodeId) -> None:
+        self.id = nid
+        self.incarnation = 0
+        self.core: NodeCore | None = None
+        self.disk: dict[bytes, AcceptorState] = {}
+        #: When the last write issued for a key lands (writes of one key land in order).
+        self.disk_busy: dict[bytes, float] = {}
+        self.ops: dict[int, OpRecord] = {}
+        self.ops_done: dict[int, Callable[[OpRecord], None]] = {}
+
+    @property
+    def up(self) -> bool:
+        return self.core is not None
+
+
+@dataclass(frozen=True)
+class _Wire:
+    """A request in flight, under the world-wide id the receiving core sees as ``req_id``."""
+
+    src: NodeId
+    src_inc: int
+    req_id: int
+    dst: NodeId
+    msg: Request
+
+
+Event = tuple[float, int, Callable[[], None]]
+
+
+@dataclass
+class WorldOptions:
+    node_config: NodeConfig = field(default_factory=NodeConfig)
+    trace: bool = False
+    max_down: int | None = None  # default: a minority
+    #: Call ``on_persisted`` before the write reaches the disk (a broken fsync, to test the check).
+    lying_disk: bool = False
+
+
+class World:
+    def __init__(self, rng: random.Random, n_nodes: int, faults: Faults, options: WorldOptions | None = None) -> None:
+        self.rng = rng
+        self.faults = faults
+        self.options = options or WorldOptions()
+        self.node_config = self.options.node_config
+        self.deadline_ms = self.node_config.proposer.deadline_ms
+        self.now = 0.0
+        self._heap: list[Event] = []
+        self._seq = 0
+        self.node_ids = [NodeId(i) for i in range(1, n_nodes + 1)]
+        self.hosts = {nid: Host(nid) for nid in self.node_ids}
+        self.majority = n_nodes // 2 + 1
+        self.max_down = self.options.max_down if self.options.max_down is not None else n_nodes - self.majority
+        self.oracle = Oracle(self.majority)
+        self.history: list[OpRecord] = []
+        self.violations: list[str] = []
+        self.trace: list[str] | None = [] if self.options.trace else None
+        self._wire: dict[int, _Wire] = {}
+        self._next_wire = 1
+        self._next_op = 1
+        self._next_pid = 1
+        self.crashes_enabled = faults.crash_every_ms is not None
+        self.stats = {"messages": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
+        for h in self.hosts.values():
+            self._boot(h)
+        if faults.crash_every_ms is not None:
+            self._schedule_crash_attempt()
+
+    # ---- event loop --------------------------------------------------------------------------
+
+    def at(self, time: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (max(time, self.now), self._seq, fn))
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.at(self.now + delay, fn)
+
+    def run_until(self, time: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= time:
+            t, _, fn = heapq.heappop(heap)
+            self.now = t
+            self.stats["events"] += 1
+            fn()
+        self.now = max(self.now, time)
+
+    def run_while(self, busy: Callable[[], bool], limit: float) -> None:
+        """Run events while ``busy()`` holds, but not past ``limit``."""
+        heap = self._heap
+        while heap and heap[0][0] <= limit and busy():
+            t, _, fn = heapq.heappop(heap)
+            self.now = t
+            self.stats["events"] += 1
+            fn()
+
+    def log(self, text: str) -> None:
+        if self.trace is not None:
+            self.trace.append(f"{self.now:10.3f}  {text}")
+
+    def fresh_pid(self) -> bytes:
+        pid = b"p%d" % self._next_pid
+        self._next_pid += 1
+        return pid
+
+    # ---- nodes -------------------------------------------------------------------------------
+
+    def _boot(self, h: Host) -> None:
+        h.core = NodeCore(
+            h.id, self.node_ids, h.incarnation, partial(self._load, h), self.rng.random, self.node_config
+        )
+        h.disk_busy = {}
+
+    @staticmethod
+    def _load(h: Host, key: bytes) -> AcceptorState:
+        return h.disk.get(key, EMPTY_STATE)
+
+    def down_count(self) -> int:
+        return sum(1 for h in self.hosts.values() if not h.up)
+
+    def crash(self, nid: NodeId, down_for: float | None) -> bool:
+        """Crash ``nid`` now; restart it after ``down_for`` ms (None: stays down)."""
+        h = self.hosts[nid]
+        if not h.up:
+            return False
+        self.stats["crashes"] += 1
+        self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
+        h.core = None
+        ops, h.ops = h.ops, {}
+        callbacks, h.ops_done = h.ops_done, {}
+        for op_id, rec in ops.items():
+            rec.crashed = True
+            self.log(f"  {rec.describe()}")
+            cb = callbacks.get(op_id)
+            if cb is not None:
+                cb(rec)
+        if down_for is not None:
+            self.after(down_for, partial(self.restart, nid))
+        return True
+
+    def restart(self, nid: NodeId) -> None:
+        h = self.hosts[nid]
+        if h.up:
+            return
+        h.incarnation += 1
+        self.log(f"n{nid} RESTART as incarnation {h.incarnation}")
+        self._boot(h)
+
+    def restart_all(self) -> None:
+        for nid in self.node_ids:
+            self.restart(nid)
+
+    def _schedule_crash_attempt(self) -> None:
+        every = self.faults.crash_every_ms
+        if every is None or not self.crashes_enabled:
+            return
+        self.after(self.rng.expovariate(1.0 / every), self._crash_attempt)
+
+    def _crash_attempt(self) -> None:
+        if not self.crashes_enabled:
+            return
+        self._crash_random()
+        self._schedule_crash_attempt()
+
+    def _crash_random(self, only: NodeId | None = None) -> None:
+        if self.down_count() >= self.max_down:
+            return
+        up = [nid for nid in self.node_ids if self.hosts[nid].up]
+        if not up:
+            return
+        nid = only if only is not None else self.rng.choice(up)
+        f = self.faults
+        self.crash(nid, self.rng.uniform(f.down_min_ms, f.down_max_ms))
+
+    # ---- client operations -------------------------------------------------------------------
+
+    def submit(
+        self,
+        nid: NodeId,
+        client: int,
+        key: bytes,
+        proposal: Proposal | None,
+        phase: str,
+        on_done: Callable[[OpRecord], None] | None = None,
+    ) -> OpRecord | None:
+        """Start a SETONCE (``proposal`` given) or a GET on node ``nid``; None if it is down."""
+        h = self.hosts[nid]
+        core = h.core
+        if core is None:
+            return None
+        op_id = self._next_op
+        self._next_op += 1
+        rec = OpRecord(op_id, client, int(nid), "write" if proposal else "read", key, proposal, self.now, phase=phase)
+        self.history.append(rec)
+        h.ops[op_id] = rec
+        if on_done is not None:
+            h.ops_done[op_id] = on_done
+        self.log(f"n{nid} INVOKE {rec.describe()}")
+        if proposal is not None:
+            effects = core.begin_write(op_id, key, proposal)
+        else:
+            effects = core.begin_read(op_id, key)
+        self._apply(h, h.incarnation, effects)
+        return rec
+
+    def _op_done(self, h: Host, op_id: int, outcome: Outcome) -> None:
+        rec = h.ops.pop(op_id, None)
+        if rec is None:
+            self.violations.append(f"t={self.now:.3f} n{h.id}: OpDone for unknown or finished op {op_id}")
+            return
+        rec.complete = self.now
+        rec.outcome = outcome
+        self.log(f"n{h.id} DONE {rec.describe()}")
+        if rec.complete - rec.invoke > self.deadline_ms + 1e-6:
+            self.violations.append(
+                f"op#{op_id} took {rec.complete - rec.invoke:.3f} ms, longer than its deadline {self.deadline_ms} ms"
+            )
+        cb = h.ops_done.pop(op_id, None)
+        if cb is not None:
+            cb(rec)
+
+    def pending_ops(self) -> int:
+        return sum(len(h.ops) for h in self.hosts.values())
+
+    # ---- effects -----------------------------------------------------------------------------
+
+    def _apply(self, h: Host, inc: int, effects: list[NodeEffect]) -> None:
+        for e in effects:
+            if isinstance(e, Persist):
+                self._persist(h, inc, e)
+            elif isinstance(e, PeerSend):
+                self._send_request(h, inc, e)
+            elif isinstance(e, PeerRespond):
+                self._send_reply(h, e)
+            elif isinstance(e, OpTimer):
+                self.after(e.delay_ms, partial(self._timer, h, inc, e.op_id, e.token))
+            elif isinstance(e, OpDone):
+                self._op_done(h, e.op_id, e.outcome)
+            else:
+                assert isinstance(e, Alarm)
+                self.violations.append(f"t={self.now:.3f} n{h.id}: unexpected alarm for {e.key!r}: {e.reason}")
+
+    def _alive(self, h: Host, inc: int) -> NodeCore | None:
+        if h.incarnation != inc:
+            return None
+        return h.core
+
+    def _timer(self, h: Host, inc: int, op_id: int, token: int) -> None:
+        core = self._alive(h, inc)
+        if core is not None:
+            self._apply(h, inc, core.on_timer(op_id, token))
+
+    # ---- disk --------------------------------------------------------------------------------
+
+    def _persist(self, h: Host, inc: int, e: Persist) -> None:
+        f = self.faults
+        t = max(self.now + self.rng.uniform(f.persist_min_ms, f.persist_max_ms), h.disk_busy.get(e.key, 0.0))
+        h.disk_busy[e.key] = t
+        if self.options.lying_disk:
+            # A broken fsync: report success at once, let the data reach the disk later.
+            self.after(0.0, partial(self._persisted, h, inc, e, False))
+            self.at(t, partial(self._persist_lands, h, inc, e))
+        else:
+            self.at(t, partial(self._persisted, h, inc, e, True))
+
+    def _persist_lands(self, h: Host, inc: int, e: Persist) -> None:
+        if self._alive(h, inc) is not None:
+            self._write_disk(h, e.key, e.state)
+
+    def _persisted(self, h: Host, inc: int, e: Persist, write: bool) -> None:
+        core = self._alive(h, inc)
+        if core is None:
+            self.log(f"n{h.id} persist of {e.key!r} v{e.version} lost in crash")
+            return
+        if write:
+            self._write_disk(h, e.key, e.state)
+        self._apply(h, inc, core.on_persisted(e.key, e.version, None))
+
+    def _write_disk(self, h: Host, key: bytes, state: AcceptorState) -> None:
+        old = h.disk.get(key, EMPTY_STATE)
+        if state.promised < old.promised or state.accepted < old.accepted:
+            self.violations.append(
+                f"t={self.now:.3f} n{h.id}: durable state of {key!r} went backwards: {fmt_state(old)} -> "
+                f"{fmt_state(state)}"
+            )
+        h.disk[key] = state
+        self.log(f"n{h.id} DISK {key!r} := {fmt_state(state)}")
+        rec = self.oracle.on_durable(self.now, int(h.id), key, state)
+        if rec is not None:
+            self.log(f"ORACLE {key!r} CHOSEN {rec.proposal.pid!r}={rec.proposal.value!r} at {tuple(rec.ballot)}")
+
+    # ---- network -----------------------------------------------------------------------------
+
+    def _delay(self) -> float:
+        f = self.faults
+        if f.slow and self.rng.random() < f.slow:
+            return self.rng.uniform(f.delay_max_ms, max(f.slow_max_ms, f.delay_max_ms))
+        return self.rng.uniform(f.delay_min_ms, f.delay_max_ms)
+
+    def _transmit(self, fn: Callable[[], None], what: str) -> None:
+        """Carry a message over the faulty network: maybe lose it, maybe deliver it twice."""
+        f = self.faults
+        self.stats["messages"] += 1
+        copies = 2 if f.dup and self.rng.random() < f.dup else 1
+        if copies == 2:
+            self.stats["duplicated"] += 1
+        for _ in range(copies):
+            if f.loss and self.rng.random() < f.loss:
+                self.stats["lost"] += 1
+                self.log(f"  LOST {what}")
+                continue
+            self.after(self._delay(), fn)
+
+    def _send_request(self, h: Host, inc: int, e: PeerSend) -> None:
+        if e.req_id == 0:
+            assert isinstance(e.msg, Learn)
+            w = 0
+        else:
+            w = self._next_wire
+            self._next_wire += 1
+            self._wire[w] = _Wire(h.id, inc, e.req_id, e.to, e.msg)
+        self.log(f"n{h.id} -> n{e.to} req {w}: {fmt_msg(e.msg)}")
+        self._transmit(partial(self._deliver_request, h.id, e.to, w, e.msg), f"req {w} n{h.id}->n{e.to}")
+
+    def _deliver_request(self, src: NodeId, dst: NodeId, w: int, msg: Request) -> None:
+        h = self.hosts[dst]
+        core = h.core
+        if core is None:
+            if w and self.rng.random() < self.faults.unreachable:
+                self.log(f"n{dst} is down: req {w} from n{src} -> Unreachable")
+                self.after(self.rng.uniform(0.1, 2.0), partial(self._deliver_reply, w, Unreachable()))
+            else:
+                self.log(f"n{dst} is down: req {w} from n{src} vanishes")
+            return
+        self.log(f"n{dst} <- n{src} req {w}: {fmt_msg(msg)}")
+        if w and self.faults.spurious_unreachable and self.rng.random() < self.faults.spurious_unreachable:
+            self.after(self.rng.uniform(0.1, 2.0), partial(self._deliver_reply, w, Unreachable()))
+        self._apply(h, h.incarnation, core.on_request(src, w, msg))
+
+    def _send_reply(self, h: Host, e: PeerRespond) -> None:
+        wire = self._wire.get(e.req_id)
+        if wire is None or wire.dst != h.id or wire.src != e.to:
+            self.violations.append(f"t={self.now:.3f} n{h.id}: reply to an unknown request {e}")
+            return
+        self._check_durable(h, wire, e.reply)
+        self.log(f"n{h.id} -> n{e.to} reply {e.req_id}: {fmt_reply(e.reply)}")
+        self._transmit(partial(self._deliver_reply, e.req_id, e.reply), f"reply {e.req_id} n{h.id}->n{e.to}")
+        if (
+            self.faults.crash_after_reply
+            and isinstance(e.reply, (Promise, Accepted))
+            and self.rng.random() < self.faults.crash_after_reply
+        ):
+            # Crash before anything else happens on this node, reply already on the wire.
+            self.after(0.0, partial(self._crash_random, h.id))
+
+    def _deliver_reply(self, w: int, reply: Reply) -> None:
+        wire = self._wire[w]
+        core = self._alive(self.hosts[wire.src], wire.src_inc)
+        if core is None:
+            return
+        self.log(f"n{wire.src} <- n{wire.dst} reply {w}: {fmt_reply(reply)}")
+        self._apply(self.hosts[wire.src], wire.src_inc, core.on_peer_reply(wire.req_id, reply))
+
+    def _check_durable(self, h: Host, wire: _Wire, reply: Reply) -> None:
+        """Fsync before reply: what a reply says about the acceptor must already be on disk."""
+        key = wire.msg.key
+        disk = h.disk.get(key, EMPTY_STATE)
+        bad = ""
+        if isinstance(reply, Promise):
+            if disk.promised < reply.ballot or disk.accepted < reply.accepted:
+                bad = "Promise"
+        elif isinstance(reply, Accepted):
+            if disk.accepted < reply.ballot or disk.promised < reply.ballot:
+                bad = "Accepted"
+        elif isinstance(reply, State):
+            if disk.accepted < reply.accepted:
+                bad = "State"
+        if bad:
+            self.violations.append(
+                f"t={self.now:.3f} FSYNC: n{h.id} sent {fmt_reply(reply)} for {key!r} to n{wire.src} while its disk "
+                f"holds {fmt_state(disk)}"
+            )
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+
+def fmt_ballot(b: Ballot) -> str:
+    return "-" if b == NO_BALLOT else f"{b.round}.{b.node}.{b.incarnation}"
+
+
+def fmt_proposal(p: Proposal | None) -> str:
+    return "None" if p is None else f"{p.pid.decode()}={p.value.decode(errors='replace')}"
+
+
+def fmt_state(s: AcceptorState) -> str:
+    return f"promised={fmt_ballot(s.promised)} accepted={fmt_ballot(s.accepted)} {fmt_proposal(s.proposal)}"
+
+
+def fmt_msg(m: Request) -> str:
+    name = type(m).__name__
+    parts = [repr(m.key)]
+    ballot = getattr(m, "ballot", None)
+    if isinstance(ballot, Ballot):
+        parts.append(fmt_ballot(ballot))
+    prop = getattr(m, "proposal", None)
+    if isinstance(prop, Proposal):
+        parts.append(fmt_proposal(prop))
+    return f"{name}({' '.join(parts)})"
+
+
+def fmt_reply(r: Reply) -> str:
+    if isinstance(r, Promise):
+        return f"Promise({fmt_ballot(r.ballot)} acc={fmt_ballot(r.accepted)} {fmt_proposal(r.proposal)} chosen={r.chosen})"
+    if isinstance(r, Accepted):
+        return f"Accepted({fmt_ballot(r.ballot)})"
+    if isinstance(r, State):
+        return f"State(acc={fmt_ballot(r.accepted)} {fmt_proposal(r.proposal)} chosen={r.chosen})"
+    return repr(r)
+
+
+__all__ = [
+    "ChosenRecord",
+    "Faults",
+    "Host",
+    "OpRecord",
+    "Oracle",
+    "World",
+    "WorldOptions",
+    "describe_outcome",
+    "fmt_state",
+]

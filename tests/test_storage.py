@@ -1,0 +1,462 @@
+"""Tests for respreg.storage: per-key files, group commit and node metadata (real files)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from respreg.core.types import NO_BALLOT, AcceptorState, Ballot, Proposal
+from respreg.storage import (
+    CorruptStateError,
+    DataDirError,
+    GroupCommitter,
+    KeyFiles,
+    NodeMeta,
+    decode_state,
+    encode_state,
+    open_node,
+)
+
+I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+BALLOTS = st.builds(Ballot, I64, I64, I64)
+PROPOSALS = st.none() | st.builds(Proposal, st.binary(max_size=64), st.binary(max_size=256))
+STATES = st.builds(AcceptorState, BALLOTS, BALLOTS, PROPOSALS)
+
+SAMPLE = AcceptorState(
+    promised=Ballot(7, 2, 3),
+    accepted=Ballot(5, 1, 1),
+    proposal=Proposal(pid=b"p-1", value=b"hello"),
+)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[KeyFiles]:
+    kf = KeyFiles(tmp_path / "keys")
+    yield kf
+    kf.close()
+
+
+def state_for(i: int) -> AcceptorState:
+    proposal = Proposal(pid=b"pid%d" % i, value=b"v" * (i % 17)) if i % 3 else None
+    return AcceptorState(Ballot(i, i % 5, 1), Ballot(i - 1, i % 5, 1), proposal)
+
+
+# ---- encoding --------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(key=st.binary(max_size=100), state=STATES)
+def test_encode_decode_round_trip(key: bytes, state: AcceptorState) -> None:
+    data = encode_state(key, state)
+    assert decode_state(data, key, "mem") == state
+
+
+def test_encode_rejects_ballot_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        encode_state(b"k", AcceptorState(promised=Ballot(2**63, 0, 0)))
+
+
+def test_decode_bad_flag_is_corrupt() -> None:
+    body = struct.pack(">I", 1) + b"k" + struct.pack(">qqqqqq", *NO_BALLOT, *NO_BALLOT) + b"\x02"
+    data = struct.pack(">4sBII", b"RREG", 1, len(body), zlib.crc32(body)) + body
+    with pytest.raises(CorruptStateError, match="flag"):
+        decode_state(data, b"k", "mem")
+
+
+def test_decode_body_overrun_is_corrupt() -> None:
+    body = struct.pack(">I", 1000) + b"k"  # key length larger than the body
+    data = struct.pack(">4sBII", b"RREG", 1, len(body), zlib.crc32(body)) + body
+    with pytest.raises(CorruptStateError, match="body ends"):
+        decode_state(data, b"k", "mem")
+
+
+# ---- KeyFiles --------------------------------------------------------------------------------
+
+
+def test_round_trip_binary_keys_and_big_values(files: KeyFiles) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB
+    items: list[tuple[bytes, AcceptorState]] = [
+        (b"", AcceptorState()),
+        (b"\x00", SAMPLE),
+        (b"a\nb", AcceptorState(promised=Ballot(1, 1, 1))),
+        (b"../../etc/passwd", SAMPLE),
+        (b"/", AcceptorState(Ballot(3, 0, 2), Ballot(3, 0, 2), Proposal(b"", b""))),
+        (b"\xff" * 5000, SAMPLE),
+        (b"big", AcceptorState(Ballot(9, 9, 9), Ballot(9, 9, 9), Proposal(b"id", big))),
+    ]
+    files.write_many(items)
+    for key, state in items:
+        assert files.load(key) == state
+    reopened = KeyFiles(files.root)
+    try:
+        for key, state in items:
+            assert reopened.load(key) == state
+    finally:
+        reopened.close()
+
+
+def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
+    assert files.load(b"never") is None
+    assert list(files.root.iterdir()) == []
+
+
+def test_overwrite_and_duplicate_keys_last_wins(files: KeyFiles) -> None:
+    files.write_many([(b"k", state_for(1))])
+    files.write_many([(b"k", state_for(2)), (b"j", state_for(3)), (b"k", state_for(4))])
+    assert files.load(b"k") == state_for(4)
+    assert files.load(b"j") == state_for(3)
+
+
+def test_fan_out_layout(files: KeyFiles) -> None:
+    path = files.path_for(b"some key")
+    rel = path.relative_to(files.root)
+    assert len(rel.parts) == 3
+    top, sub, name = rel.parts
+    assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+    assert top == name[0:2] and sub == name[2:4]
+    files.write_many([(b"some key", SAMPLE)])
+    assert path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]
+    assert files.path_for(b"some key") == path  # stable
+
+
+def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:
+    root = tmp_path / "keys"
+    kf = KeyFiles(root, workers=8)
+    items = [(b"key-%d" % i, state_for(i)) for i in range(1000)]
+    try:
+        kf.write_many(items)
+    finally:
+        kf.close()
+    fresh = KeyFiles(root)
+    try:
+        for key, state in items:
+            assert fresh.load(key) == state
+    finally:
+        fresh.close()
+    assert not list(root.rglob("*.tmp"))
+    assert sum(1 for p in root.rglob("*") if p.is_file()) == 1000
+
+
+def _write_one(files: KeyFiles, key: bytes, state: AcceptorState) -> Path:
+    files.write_many([(key, state)])
+    return files.path_for(key)
+
+
+def test_truncated_file_is_corrupt(files: KeyFiles) -> None:
+    path = _write_one(files, b"k", SAMPLE)
+    data = path.read_bytes()
+    for cut in range(len(data)):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CorruptStateError, match=str(path)):
+            files.load(b"k")
+
+
+def test_every_flipped_byte_is_corrupt(files: KeyFiles) -> None:
+    path = _write_one(files, b"key", SAMPLE)
+    data = path.read_bytes()
+    for pos in range(len(data)):
+        for mask in (0x01, 0x80, 0xFF):
+            damaged = bytearray(data)
+            damaged[pos] ^= mask
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(CorruptStateError):
+                files.load(b"key")
+    path.write_bytes(data)
+    assert files.load(b"key") == SAMPLE
+
+
+def test_trailing_garbage_is_corrupt(files: KeyFiles) -> None:
+    path = _write_one(files, b"k", SAMPLE)
+    path.write_bytes(path.read_bytes() + b"\x00")
+    with pytest.raises(CorruptStateError, match="trailing"):
+        files.load(b"k")
+
+
+def test_wrong_key_inside_is_corrupt(files: KeyFiles) -> None:
+    other = _write_one(files, b"other", SAMPLE)
+    target = files.path_for(b"mine")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(other.read_bytes())
+    with pytest.raises(CorruptStateError, match="key"):
+        files.load(b"mine")
+
+
+def test_empty_file_is_corrupt(files: KeyFiles) -> None:
+    path = _write_one(files, b"k", SAMPLE)
+    path.write_bytes(b"")
+    with pytest.raises(CorruptStateError):
+        files.load(b"k")
+
+
+def test_leftover_temp_files_are_ignored(files: KeyFiles) -> None:
+    path = _write_one(files, b"k", SAMPLE)
+    stale = path.with_name(f".{path.name}.deadbeef.tmp")
+    stale.write_bytes(encode_state(b"k", state_for(99)))
+    garbage = path.with_name(f".{path.name}.cafe.tmp")
+    garbage.write_bytes(b"half-written")
+    assert files.load(b"k") == SAMPLE
+
+    lonely = files.path_for(b"never written")
+    lonely.parent.mkdir(parents=True, exist_ok=True)
+    lonely.with_name(f".{lonely.name}.0123.tmp").write_bytes(encode_state(b"never written", SAMPLE))
+    assert files.load(b"never written") is None
+
+    files.write_many([(b"k", state_for(5))])  # writing past leftovers still works
+    assert files.load(b"k") == state_for(5)
+
+
+def _block_path_with_directory(files: KeyFiles, key: bytes) -> Path:
+    """Make ``key``'s file path a non-empty directory so the rename onto it fails (even as root)."""
+    path = files.path_for(key)
+    (path / "occupied").mkdir(parents=True)
+    return path
+
+
+def test_write_many_failure_raises_and_cleans_temp_files(files: KeyFiles) -> None:
+    _block_path_with_directory(files, b"bad")
+    items = [(b"good-%d" % i, state_for(i)) for i in range(20)] + [(b"bad", SAMPLE)]
+    with pytest.raises(OSError):
+        files.write_many(items)
+    assert not list(files.root.rglob("*.tmp"))
+    with pytest.raises(OSError):
+        files.write_many([(b"bad", SAMPLE)])  # single-item (inline) path too
+    assert not list(files.root.rglob("*.tmp"))
+
+
+# ---- GroupCommitter --------------------------------------------------------------------------
+
+
+class GatedKeyFiles(KeyFiles):
+    """Real KeyFiles that records each batch and can hold a batch until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.batches: list[list[tuple[bytes, AcceptorState]]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def write_many(self, items: Sequence[tuple[bytes, AcceptorState]]) -> None:
+        self.batches.append(list(items))
+        self.started.set()
+        self.gate.wait()
+        super().write_many(items)
+
+
+Outcome = list[BaseException | None]
+
+
+def test_group_commit_coalesces_same_key(tmp_path: Path) -> None:
+    kf = GatedKeyFiles(tmp_path / "keys")
+
+    async def main() -> None:
+        gc = GroupCommitter(kf, asyncio.get_running_loop())
+        outcomes: Outcome = []
+        gc.submit(b"k", state_for(1), outcomes.append)
+        gc.submit(b"k", state_for(2), outcomes.append)
+        assert gc.pending() == 1
+        await gc.close()
+        assert outcomes == [None, None]
+        assert gc.batches == 1 and gc.writes == 1 and gc.fsync_errors == 0
+        assert gc.coalesced == 1
+        assert gc.pending() == 0
+
+    try:
+        asyncio.run(main())
+        assert kf.batches == [[(b"k", state_for(2))]]
+        assert kf.load(b"k") == state_for(2)
+    finally:
+        kf.close()
+
+
+def test_group_commit_second_batch_for_submits_during_a_batch(tmp_path: Path) -> None:
+    kf = GatedKeyFiles(tmp_path / "keys")
+    kf.gate.clear()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gc = GroupCommitter(kf, loop)
+        outcomes: dict[str, BaseException | None] = {}
+
+        def cb(name: str) -> Callable[[BaseException | None], None]:
+            return lambda err: outcomes.__setitem__(name, err)
+
+        gc.submit(b"a", state_for(1), cb("a1"))
+        await loop.run_in_executor(None, kf.started.wait)  # batch 1 is inside write_many
+        gc.submit(b"a", state_for(2), cb("a2"))  # must not join the running batch
+        gc.submit(b"b", state_for(3), cb("b"))
+        assert gc.pending() == 3
+        kf.gate.set()
+        await gc.close()
+        assert outcomes == {"a1": None, "a2": None, "b": None}
+        assert gc.batches == 2 and gc.writes == 3
+
+    try:
+        asyncio.run(main())
+        assert kf.batches == [
+            [(b"a", state_for(1))],
+            [(b"a", state_for(2)), (b"b", state_for(3))],
+        ]
+        assert kf.load(b"a") == state_for(2)
+        assert kf.load(b"b") == state_for(3)
+    finally:
+        kf.close()
+
+
+def test_group_commit_respects_max_batch(tmp_path: Path) -> None:
+    kf = GatedKeyFiles(tmp_path / "keys")
+
+    async def main() -> None:
+        gc = GroupCommitter(kf, asyncio.get_running_loop(), max_batch=2)
+        outcomes: Outcome = []
+        for i in range(5):
+            gc.submit(b"k%d" % i, state_for(i), outcomes.append)
+        await gc.close()
+        assert outcomes == [None] * 5
+        assert gc.batches == 3 and gc.writes == 5
+
+    try:
+        asyncio.run(main())
+        assert [len(b) for b in kf.batches] == [2, 2, 1]
+    finally:
+        kf.close()
+
+
+def test_group_commit_passes_oserror_to_every_callback(tmp_path: Path) -> None:
+    kf = KeyFiles(tmp_path / "keys")
+    _block_path_with_directory(kf, b"bad")
+
+    async def main() -> None:
+        gc = GroupCommitter(kf, asyncio.get_running_loop())
+        outcomes: Outcome = []
+        gc.submit(b"ok", SAMPLE, outcomes.append)
+        gc.submit(b"bad", SAMPLE, outcomes.append)
+        gc.submit(b"bad", state_for(2), outcomes.append)
+        await gc.close()
+        assert len(outcomes) == 3
+        assert all(isinstance(err, OSError) for err in outcomes)
+        assert gc.fsync_errors == 1 and gc.writes == 0 and gc.batches == 1
+
+    async def recovers() -> None:
+        gc = GroupCommitter(kf, asyncio.get_running_loop())
+        outcomes: Outcome = []
+        gc.submit(b"ok", state_for(7), outcomes.append)
+        await gc.close()
+        assert outcomes == [None]
+        with pytest.raises(RuntimeError):
+            gc.submit(b"ok", state_for(8), outcomes.append)
+
+    try:
+        asyncio.run(main())
+        assert not list(kf.root.rglob("*.tmp"))
+        asyncio.run(recovers())
+        assert kf.load(b"ok") == state_for(7)
+    finally:
+        kf.close()
+
+
+def test_group_commit_failing_callback_does_not_block_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kf = KeyFiles(tmp_path / "keys")
+
+    def boom(err: BaseException | None) -> None:
+        raise RuntimeError("callback bug")
+
+    async def main() -> None:
+        gc = GroupCommitter(kf, asyncio.get_running_loop())
+        outcomes: Outcome = []
+        gc.submit(b"k", SAMPLE, boom)
+        gc.submit(b"k", SAMPLE, outcomes.append)
+        await gc.close()
+        assert outcomes == [None]
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="respreg.storage"):
+            asyncio.run(main())
+        assert "callback failed" in caplog.text
+    finally:
+        kf.close()
+
+
+# ---- node metadata ---------------------------------------------------------------------------
+
+
+def test_open_node_creates_and_increments_incarnation(tmp_path: Path) -> None:
+    data_dir = tmp_path / "a" / "b"
+    for expected in (1, 2, 3):
+        info = open_node(data_dir, 4)
+        try:
+            assert info.incarnation == expected
+            assert info.node_id == 4
+            assert info.data_dir == data_dir
+            assert info.keys_dir == data_dir / "keys"
+        finally:
+            info.close()
+    meta = NodeMeta.decode((data_dir / "node.meta").read_bytes())
+    assert meta == NodeMeta(node_id=4, incarnation=3)
+
+
+def test_open_node_refuses_other_node_id(tmp_path: Path) -> None:
+    open_node(tmp_path, 1).close()
+    with pytest.raises(DataDirError, match="belongs to node 1"):
+        open_node(tmp_path, 2)
+    with open_node(tmp_path, 1) as info:  # the refused open released the lock
+        assert info.incarnation == 2
+
+
+def test_open_node_refuses_concurrent_open(tmp_path: Path) -> None:
+    info = open_node(tmp_path, 1)
+    try:
+        with pytest.raises(DataDirError, match="in use by another process"):
+            open_node(tmp_path, 1)
+    finally:
+        info.close()
+    with open_node(tmp_path, 1) as again:
+        assert again.incarnation == 2  # the refused open did not bump it
+
+
+def test_open_node_refuses_corrupt_meta(tmp_path: Path) -> None:
+    open_node(tmp_path, 1).close()
+    meta_path = tmp_path / "node.meta"
+    good = meta_path.read_bytes()
+    damaged = [b"", good[:-1], good + b"x", b"junk" * 10]
+    for pos in range(len(good)):
+        flipped = bytearray(good)
+        flipped[pos] ^= 0x40
+        damaged.append(bytes(flipped))
+    for data in damaged:
+        meta_path.write_bytes(data)
+        with pytest.raises(DataDirError, match="corrupt") as info:
+            open_node(tmp_path, 1)
+        assert "\n" not in str(info.value)
+        assert meta_path.read_bytes() == data  # never silently reset
+    meta_path.write_bytes(good)
+    with open_node(tmp_path, 1) as node:
+        assert node.incarnation == 2
+
+
+def test_open_node_refuses_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"x")
+    with pytest.raises(DataDirError, match="not a directory"):
+        open_node(path, 1)
+    with pytest.raises(DataDirError):
+        open_node(path / "below", 1)
+
+
+def test_lock_file_is_kept_and_meta_has_no_temp_leftovers(tmp_path: Path) -> None:
+    with open_node(tmp_path, 3) as info:
+        assert info.lock.held
+        assert (tmp_path / "LOCK").exists()
+    assert not info.lock.held
+    assert sorted(os.listdir(tmp_path)) == ["LOCK", "node.meta"]
