@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import os
 import platform
 import time
@@ -33,6 +34,8 @@ Deferred = tuple["asyncio.Future[Any]", Callable[[Any], bytes]]
 Handler = Callable[["ClientProtocol", list[bytes]], "bytes | Deferred"]
 
 REDIS_COMPAT_VERSION = "7.0.0"
+
+log = logging.getLogger("respreg.client")
 
 
 class _Slot:
@@ -59,6 +62,7 @@ class ClientProtocol(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_cmd = "NULL"
         self.queue: deque[_Slot] = deque()
+        self.key_busy: dict[bytes, asyncio.Future[Any]] = {}
         self.inflight = 0
         self.closing = False
         self.closed = False
@@ -199,7 +203,69 @@ class ClientProtocol(asyncio.Protocol):
         if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
             return error(f"ERR wrong number of arguments for '{spec.name}' command")
         self.last_cmd = spec.name
-        return handler(self, args)
+        if spec.first_key == 0:
+            return self._call(handler, args)
+        # Commands of one connection on one key take effect in the order they were sent, as in
+        # redis-server, even when pipelined: a command waits for this connection's earlier
+        # commands on the same keys. Commands on other keys run concurrently.
+        last = len(args) - 1 if spec.last_key < 0 else spec.last_key
+        keys = args[spec.first_key : last + 1 : spec.step]
+        busy = self.key_busy
+        if busy:
+            blockers = {busy[k] for k in keys if k in busy}
+            if blockers:
+                return self._after(blockers, handler, args, keys)
+        result = self._call(handler, args)
+        if not isinstance(result, bytes) and not result[0].done():
+            self._mark_busy(keys, result[0])
+        return result
+
+    def _call(self, handler: Handler, args: list[bytes]) -> bytes | Deferred:
+        try:
+            return handler(self, args)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one reply, never the server
+            log.exception("command %r failed", args[0][:64])
+            return error(f"ERR internal error: {type(exc).__name__}")
+
+    def _mark_busy(self, keys: list[bytes], fut: asyncio.Future[Any]) -> None:
+        for k in keys:
+            self.key_busy[k] = fut
+        fut.add_done_callback(partial(self._unbusy, keys))
+
+    def _unbusy(self, keys: list[bytes], fut: asyncio.Future[Any]) -> None:
+        for k in keys:
+            if self.key_busy.get(k) is fut:
+                del self.key_busy[k]
+
+    def _after(
+        self, blockers: set[asyncio.Future[Any]], handler: Handler, args: list[bytes], keys: list[bytes]
+    ) -> Deferred:
+        """Run ``handler`` once every blocker is done; the returned future carries its reply."""
+        outer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._mark_busy(keys, outer)
+        remaining = len(blockers)
+
+        def finished(fut: asyncio.Future[Any], fmt: Callable[[Any], bytes]) -> None:
+            try:
+                outer.set_result(fmt(fut.result()))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("command %r failed", args[0][:64])
+                outer.set_result(error(f"ERR internal error: {type(exc).__name__}"))
+
+        def go(_: asyncio.Future[Any]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining:
+                return
+            result = self._call(handler, args)
+            if isinstance(result, bytes):
+                outer.set_result(result)
+            else:
+                result[0].add_done_callback(partial(finished, fmt=result[1]))
+
+        for b in blockers:
+            b.add_done_callback(go)
+        return outer, _same
 
     def nil(self) -> bytes:
         return NIL3 if self.resp3 else NIL2
@@ -213,6 +279,10 @@ class ClientProtocol(asyncio.Protocol):
             f"user=default redir=-1 resp={3 if self.resp3 else 2} "
             f"lib-name={self.lib_name.decode('utf-8', 'replace')} lib-ver={self.lib_ver.decode('utf-8', 'replace')}"
         )
+
+
+def _same(reply: bytes) -> bytes:
+    return reply
 
 
 def unknown_command(args: list[bytes]) -> str:

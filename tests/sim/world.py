@@ -268,6 +268,7 @@ class World:
     def __init__(self, rng: random.Random, n_nodes: int, faults: Faults, options: WorldOptions | None = None) -> None:
         self.rng = rng
         self.faults = faults
+        self.initial_faults = faults
         self.options = options or WorldOptions()
         self.node_config = self.options.node_config
         self.deadline_ms = self.node_config.proposer.deadline_ms

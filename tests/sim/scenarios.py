@@ -1,0 +1,275 @@
+"""Scenarios: one seed -> one world, a client workload, faults, then checks.
+
+Every scenario has a *safety* phase (faults on, clients racing on a few hot keys) and a
+*liveness* phase (faults healed, every node up): then every key touched must be readable with
+one value on every node, and new operations must all get definite answers.
+
+Scenarios:
+
+- ``standard``: random loss, delay, duplication, crashes of a minority at a time.
+- ``majority-down``: a majority of nodes is down for longer than a deadline; operations on the
+  nodes still up must end (NOQUORUM/UNCERTAIN) within their deadline instead of hanging.
+- ``crash-after-reply``: nodes crash right after they sent a Promise or Accepted reply; the
+  world checks that the reply's state had reached the disk.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from respreg.core.node import NodeConfig
+from respreg.core.proposer import Chosen, Empty, Failed
+from respreg.core.types import NodeId, Proposal
+
+from .checker import check_completion, check_history
+from .world import Faults, OpRecord, World, WorldOptions
+
+VALUES = (b"red", b"green", b"blue")
+
+
+@dataclass
+class Result:
+    scenario: str
+    seed: int
+    nodes: int
+    world: World
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def reproduce(self) -> str:
+        return (
+            f"reproduce with seed={self.seed}: python -m tests.sim.run --seed {self.seed} --nodes {self.nodes} "
+            f"--scenario {self.scenario} -v"
+        )
+
+    def summary(self) -> str:
+        w = self.world
+        ops = len(w.history)
+        outcomes: dict[str, int] = {}
+        for rec in w.history:
+            if rec.crashed:
+                name = "crashed"
+            elif isinstance(rec.outcome, Failed):
+                name = rec.outcome.kind.value
+            else:
+                name = type(rec.outcome).__name__
+            outcomes[name] = outcomes.get(name, 0) + 1
+        return (
+            f"{self.scenario} seed={self.seed} nodes={self.nodes}: {ops} ops {outcomes}, "
+            f"t_end={w.now:.0f}ms, stats={w.stats}, faults={w.initial_faults}"
+        )
+
+
+class Workload:
+    """Clients bound to nodes, each issuing SETONCE and GET one at a time until ``stop``."""
+
+    def __init__(
+        self,
+        world: World,
+        rng: random.Random,
+        clients_per_node: int,
+        ops_per_client: int,
+        hot_keys: int,
+        stop: float,
+    ) -> None:
+        self.world = world
+        self.rng = rng
+        self.stop = stop
+        self.hot = [b"hot%d" % i for i in range(hot_keys)]
+        self.fresh: list[bytes] = []
+        self.keys: list[bytes] = []
+        self._touched: set[bytes] = set()
+        self.p_hot = rng.choice([0.5, 0.8, 0.95])
+        self.p_write = rng.choice([0.3, 0.5, 0.7])
+        self.think_max = rng.choice([1.0, 20.0, 200.0])
+        self.ops_left: dict[int, int] = {}
+        self.node_of: dict[int, NodeId] = {}
+        cid = 0
+        for nid in world.node_ids:
+            for _ in range(clients_per_node):
+                cid += 1
+                self.node_of[cid] = nid
+                self.ops_left[cid] = ops_per_client
+
+    def start(self) -> None:
+        for cid in self.node_of:
+            self.world.after(self.rng.uniform(0.0, 5.0), lambda cid=cid: self._issue(cid))
+
+    def touch(self, key: bytes) -> None:
+        if key not in self._touched:
+            self._touched.add(key)
+            self.keys.append(key)
+
+    def _pick_key(self) -> bytes:
+        r = self.rng.random()
+        if r < self.p_hot or not self.hot:
+            return self.rng.choice(self.hot)
+        if self.fresh and r < self.p_hot + (1 - self.p_hot) / 2:
+            return self.rng.choice(self.fresh)
+        key = b"fresh%d" % len(self.fresh)
+        self.fresh.append(key)
+        return key
+
+    def _issue(self, cid: int) -> None:
+        w = self.world
+        if w.now >= self.stop or self.ops_left[cid] <= 0:
+            return
+        nid = self.node_of[cid]
+        if not w.hosts[nid].up:
+            w.after(20.0, lambda: self._issue(cid))
+            return
+        key = self._pick_key()
+        self.touch(key)
+        proposal = None
+        if self.rng.random() < self.p_write:
+            proposal = Proposal(w.fresh_pid(), self.rng.choice(VALUES))
+        self.ops_left[cid] -= 1
+        w.submit(nid, cid, key, proposal, "safety", lambda _rec: self._after_op(cid))
+
+    def _after_op(self, cid: int) -> None:
+        self.world.after(self.rng.uniform(0.0, self.think_max), lambda: self._issue(cid))
+
+
+def _node_config(rng: random.Random) -> NodeConfig:
+    if rng.random() < 0.2:
+        # Tiny caches: acceptor states are evicted and reloaded from disk, chosen values forgotten.
+        return NodeConfig(state_cache_keys=rng.choice([1, 2, 4]), chosen_cache_keys=rng.choice([1, 2, 8]))
+    return NodeConfig()
+
+
+def _make_world(scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults]) -> World:
+    rng = random.Random(f"{scenario}/{nodes}/{seed}")
+    faults = tweak(Faults.draw(rng))
+    config = _node_config(rng)
+    return World(rng, nodes, faults, WorldOptions(node_config=config, trace=trace))
+
+
+def _run_ops(world: World, recs: list[OpRecord | None]) -> list[OpRecord]:
+    done = [r for r in recs if r is not None]
+    world.run_while(lambda: any(not r.done for r in done), world.now + world.deadline_ms + 50.0)
+    return done
+
+
+def liveness_phase(world: World, workload: Workload, res: Result) -> None:
+    """Heal everything, then every key must be readable and every new operation must succeed."""
+    world.faults = world.faults.healed()
+    world.crashes_enabled = False
+    world.log("==== HEAL: no more faults, every node up")
+    world.restart_all()
+    # Operations still running end by their deadline.
+    world.run_while(lambda: world.pending_ops() > 0, world.now + world.deadline_ms + 50.0)
+    rng = world.rng
+    n = world.node_ids
+    keys = list(workload.keys)
+    for i in range(2):
+        key = b"after%d" % i
+        workload.touch(key)
+        keys.append(key)
+
+    def definite(rec: OpRecord, what: str) -> None:
+        if rec.crashed or not isinstance(rec.outcome, (Chosen, Empty)):
+            res.violations.append(f"LIVENESS: {what} did not get a definite answer: {rec.describe()}")
+
+    # 1. Every node reads every key.
+    world.log("==== LIVENESS 1: GET every key on every node")
+    for rec in _run_ops(world, [world.submit(nid, 0, k, None, "liveness") for k in keys for nid in n]):
+        definite(rec, "GET after healing")
+    # 2. One more SETONCE per key: afterwards each key certainly holds a value.
+    world.log("==== LIVENESS 2: SETONCE every key")
+    writes = _run_ops(
+        world,
+        [world.submit(rng.choice(n), 0, k, Proposal(world.fresh_pid(), rng.choice(VALUES)), "liveness") for k in keys],
+    )
+    for rec in writes:
+        definite(rec, "SETONCE after healing")
+    # 3. Every node returns that value.
+    world.log("==== LIVENESS 3: GET every key on every node")
+    final = _run_ops(world, [world.submit(nid, 0, k, None, "liveness") for k in keys for nid in n])
+    expect = {w.key: w.outcome.proposal for w in writes if isinstance(w.outcome, Chosen)}
+    for rec in final:
+        definite(rec, "final GET")
+        want = expect.get(rec.key)
+        if want is not None and (not isinstance(rec.outcome, Chosen) or rec.outcome.proposal != want):
+            res.violations.append(
+                f"LIVENESS: final GET on n{rec.node} disagrees with the value {want} of {rec.key!r}: {rec.describe()}"
+            )
+
+
+def _finish(world: World, res: Result) -> Result:
+    # Let stray messages and timers play out, so that late effects reach the oracle.
+    world.run_until(world.now + world.deadline_ms)
+    res.violations += world.violations
+    res.violations += world.oracle.violations
+    res.violations += check_completion(world.history)
+    res.violations += check_history(world.history, world.oracle.chosen)
+    return res
+
+
+def run_standard(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    return _run_faulty("standard", seed, nodes, trace, lambda f: f)
+
+
+def run_crash_after_reply(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    def tweak(f: Faults) -> Faults:
+        return replace(f, crash_after_reply=0.15, crash_every_ms=None, down_max_ms=300.0)
+
+    return _run_faulty("crash-after-reply", seed, nodes, trace, tweak)
+
+
+def _run_faulty(scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults]) -> Result:
+    world = _make_world(scenario, seed, nodes, trace, tweak)
+    res = Result(scenario, seed, nodes, world)
+    rng = world.rng
+    stop = rng.choice([1000.0, 3000.0, 6000.0])
+    wl = Workload(world, rng, clients_per_node=2, ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 3), stop=stop)
+    wl.start()
+    world.run_until(stop)
+    liveness_phase(world, wl, res)
+    return _finish(world, res)
+
+
+def run_majority_down(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    """A majority is down for longer than a deadline: operations must end, not hang."""
+
+    def tweak(f: Faults) -> Faults:
+        return replace(f, crash_every_ms=None)
+
+    world = _make_world("majority-down", seed, nodes, trace, tweak)
+    res = Result("majority-down", seed, nodes, world)
+    rng = world.rng
+    deadline = world.deadline_ms
+    t_down = rng.uniform(100.0, 800.0)
+    t_up = t_down + rng.uniform(deadline + 500.0, 2.5 * deadline)
+    victims = rng.sample(world.node_ids, world.majority)
+    wl = Workload(world, rng, clients_per_node=2, ops_per_client=rng.randint(4, 8), hot_keys=rng.randint(1, 3), stop=t_up)
+    wl.start()
+    world.run_until(t_down)
+    world.log(f"==== MAJORITY DOWN: {victims}")
+    for nid in victims:
+        world.crash(nid, None)
+    world.run_until(t_up)
+    world.log("==== MAJORITY BACK")
+    in_window = 0
+    for rec in world.history:
+        if rec.crashed or rec.invoke < t_down or rec.invoke + deadline > t_up:
+            continue
+        in_window += 1
+        o = rec.outcome
+        if isinstance(o, Empty) or (isinstance(o, Chosen) and rec.proposal is not None and o.proposal == rec.proposal):
+            res.violations.append(f"answered without a majority up: {rec.describe()}")
+    res.notes.append(f"{in_window} operations ran entirely while a majority was down")
+    liveness_phase(world, wl, res)
+    return _finish(world, res)
+
+
+SCENARIOS: dict[str, Callable[[int, int, bool], Result]] = {
+    "standard": run_standard,
+    "majority-down": run_majority_down,
+    "crash-after-reply": run_crash_after_reply,
+}
