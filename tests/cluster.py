@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 
@@ -129,6 +131,8 @@ class Cluster:
     def client(self, node_id: int, **kw: object) -> redis.Redis:
         n = self.node(node_id)
         kw.setdefault("socket_timeout", 10)
+        # No silent client-side retries: a test must see every error the server gives.
+        kw.setdefault("retry", Retry(NoBackoff(), 0))
         return redis.Redis(host=HOST, port=n.port, **kw)  # type: ignore[arg-type]
 
     def wait_peers(self, timeout_s: float = 15.0) -> None:

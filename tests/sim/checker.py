@@ -71,7 +71,9 @@ def _check_key(key: bytes, ops: list[OpRecord], chosen: Sequence[ChosenRecord] |
             if rec.proposal is not None and o.proposal.pid == rec.proposal.pid:
                 ok_writes.append(rec)
                 if o.proposal != rec.proposal:
-                    out.append(f"key {key!r}: +OK write returned a different proposal {_p(o.proposal)}: {rec.describe()}")
+                    out.append(
+                        f"key {key!r}: +OK write returned a different proposal {_p(o.proposal)}: {rec.describe()}"
+                    )
         elif isinstance(o, Empty):
             if rec.proposal is not None:
                 out.append(f"key {key!r}: a write answered as if it were a read (empty): {rec.describe()}")

@@ -16,8 +16,9 @@ Scenarios:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from respreg.core.node import NodeConfig
 from respreg.core.proposer import Chosen, Empty, Failed
@@ -77,6 +78,7 @@ class Workload:
         ops_per_client: int,
         hot_keys: int,
         stop: float,
+        think_max: float | None = None,
     ) -> None:
         self.world = world
         self.rng = rng
@@ -85,9 +87,9 @@ class Workload:
         self.fresh: list[bytes] = []
         self.keys: list[bytes] = []
         self._touched: set[bytes] = set()
-        self.p_hot = rng.choice([0.5, 0.8, 0.95])
+        self.p_hot = rng.choice([0.3, 0.6, 0.9])
         self.p_write = rng.choice([0.3, 0.5, 0.7])
-        self.think_max = rng.choice([1.0, 20.0, 200.0])
+        self.think_max = think_max if think_max is not None else rng.choice([1.0, 20.0, 200.0])
         self.ops_left: dict[int, int] = {}
         self.node_of: dict[int, NodeId] = {}
         cid = 0
@@ -99,7 +101,7 @@ class Workload:
 
     def start(self) -> None:
         for cid in self.node_of:
-            self.world.after(self.rng.uniform(0.0, 5.0), lambda cid=cid: self._issue(cid))
+            self.world.after(self.rng.uniform(0.0, 5.0), partial(self._issue, cid))
 
     def touch(self, key: bytes) -> None:
         if key not in self._touched:
@@ -143,11 +145,13 @@ def _node_config(rng: random.Random) -> NodeConfig:
     return NodeConfig()
 
 
-def _make_world(scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults]) -> World:
+def _make_world(
+    scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults], lying_disk: bool = False
+) -> World:
     rng = random.Random(f"{scenario}/{nodes}/{seed}")
     faults = tweak(Faults.draw(rng))
     config = _node_config(rng)
-    return World(rng, nodes, faults, WorldOptions(node_config=config, trace=trace))
+    return World(rng, nodes, faults, WorldOptions(node_config=config, trace=trace, lying_disk=lying_disk))
 
 
 def _run_ops(world: World, recs: list[OpRecord | None]) -> list[OpRecord]:
@@ -215,19 +219,25 @@ def run_standard(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     return _run_faulty("standard", seed, nodes, trace, lambda f: f)
 
 
-def run_crash_after_reply(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+def run_crash_after_reply(seed: int, nodes: int = 3, trace: bool = False, lying_disk: bool = False) -> Result:
+    """Nodes crash right after sending a Promise/Accepted; ``lying_disk`` breaks fsync on purpose."""
+
     def tweak(f: Faults) -> Faults:
         return replace(f, crash_after_reply=0.15, crash_every_ms=None, down_max_ms=300.0)
 
-    return _run_faulty("crash-after-reply", seed, nodes, trace, tweak)
+    return _run_faulty("crash-after-reply", seed, nodes, trace, tweak, lying_disk)
 
 
-def _run_faulty(scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults]) -> Result:
-    world = _make_world(scenario, seed, nodes, trace, tweak)
+def _run_faulty(
+    scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults], lying_disk: bool = False
+) -> Result:
+    world = _make_world(scenario, seed, nodes, trace, tweak, lying_disk)
     res = Result(scenario, seed, nodes, world)
     rng = world.rng
     stop = rng.choice([1000.0, 3000.0, 6000.0])
-    wl = Workload(world, rng, clients_per_node=2, ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 3), stop=stop)
+    wl = Workload(
+        world, rng, clients_per_node=2, ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 4), stop=stop
+    )
     wl.start()
     world.run_until(stop)
     liveness_phase(world, wl, res)
@@ -247,7 +257,10 @@ def run_majority_down(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     t_down = rng.uniform(100.0, 800.0)
     t_up = t_down + rng.uniform(deadline + 500.0, 2.5 * deadline)
     victims = rng.sample(world.node_ids, world.majority)
-    wl = Workload(world, rng, clients_per_node=2, ops_per_client=rng.randint(4, 8), hot_keys=rng.randint(1, 3), stop=t_up)
+    wl = Workload(
+        world, rng, clients_per_node=2, ops_per_client=rng.randint(5, 10), hot_keys=rng.randint(1, 3), stop=t_up,
+        think_max=t_up / 8,
+    )
     wl.start()
     world.run_until(t_down)
     world.log(f"==== MAJORITY DOWN: {victims}")
@@ -273,3 +286,14 @@ SCENARIOS: dict[str, Callable[[int, int, bool], Result]] = {
     "majority-down": run_majority_down,
     "crash-after-reply": run_crash_after_reply,
 }
+
+
+def run_seeds(scenario: str, nodes: int, seeds: Sequence[int]) -> list[tuple[int, list[str]]]:
+    """Run ``seeds``; return the failing ones with their first violations (cheap to pickle)."""
+    run = SCENARIOS[scenario]
+    failed: list[tuple[int, list[str]]] = []
+    for seed in seeds:
+        res = run(seed, nodes, False)
+        if not res.ok:
+            failed.append((seed, [res.reproduce(), *res.violations[:6]]))
+    return failed

@@ -351,13 +351,15 @@ class World:
         if not h.up:
             return False
         self.stats["crashes"] += 1
-        self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
+        if self.trace is not None:
+            self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
         h.core = None
         ops, h.ops = h.ops, {}
         callbacks, h.ops_done = h.ops_done, {}
         for op_id, rec in ops.items():
             rec.crashed = True
-            self.log(f"  {rec.describe()}")
+            if self.trace is not None:
+                self.log(f"  {rec.describe()}")
             cb = callbacks.get(op_id)
             if cb is not None:
                 cb(rec)
@@ -370,7 +372,8 @@ class World:
         if h.up:
             return
         h.incarnation += 1
-        self.log(f"n{nid} RESTART as incarnation {h.incarnation}")
+        if self.trace is not None:
+            self.log(f"n{nid} RESTART as incarnation {h.incarnation}")
         self._boot(h)
 
     def restart_all(self) -> None:
@@ -422,7 +425,8 @@ class World:
         h.ops[op_id] = rec
         if on_done is not None:
             h.ops_done[op_id] = on_done
-        self.log(f"n{nid} INVOKE {rec.describe()}")
+        if self.trace is not None:
+            self.log(f"n{nid} INVOKE {rec.describe()}")
         if proposal is not None:
             effects = core.begin_write(op_id, key, proposal)
         else:
@@ -437,7 +441,8 @@ class World:
             return
         rec.complete = self.now
         rec.outcome = outcome
-        self.log(f"n{h.id} DONE {rec.describe()}")
+        if self.trace is not None:
+            self.log(f"n{h.id} DONE {rec.describe()}")
         if rec.complete - rec.invoke > self.deadline_ms + 1e-6:
             self.violations.append(
                 f"op#{op_id} took {rec.complete - rec.invoke:.3f} ms, longer than its deadline {self.deadline_ms} ms"
@@ -497,7 +502,8 @@ class World:
     def _persisted(self, h: Host, inc: int, e: Persist, write: bool) -> None:
         core = self._alive(h, inc)
         if core is None:
-            self.log(f"n{h.id} persist of {e.key!r} v{e.version} lost in crash")
+            if self.trace is not None:
+                self.log(f"n{h.id} persist of {e.key!r} v{e.version} lost in crash")
             return
         if write:
             self._write_disk(h, e.key, e.state)
@@ -511,10 +517,12 @@ class World:
                 f"{fmt_state(state)}"
             )
         h.disk[key] = state
-        self.log(f"n{h.id} DISK {key!r} := {fmt_state(state)}")
+        if self.trace is not None:
+            self.log(f"n{h.id} DISK {key!r} := {fmt_state(state)}")
         rec = self.oracle.on_durable(self.now, int(h.id), key, state)
         if rec is not None:
-            self.log(f"ORACLE {key!r} CHOSEN {rec.proposal.pid!r}={rec.proposal.value!r} at {tuple(rec.ballot)}")
+            if self.trace is not None:
+                self.log(f"ORACLE {key!r} CHOSEN {rec.proposal.pid!r}={rec.proposal.value!r} at {tuple(rec.ballot)}")
 
     # ---- network -----------------------------------------------------------------------------
 
@@ -524,7 +532,7 @@ class World:
             return self.rng.uniform(f.delay_max_ms, max(f.slow_max_ms, f.delay_max_ms))
         return self.rng.uniform(f.delay_min_ms, f.delay_max_ms)
 
-    def _transmit(self, fn: Callable[[], None], what: str) -> None:
+    def _transmit(self, fn: Callable[[], None], kind: str, w: int, src: NodeId, dst: NodeId) -> None:
         """Carry a message over the faulty network: maybe lose it, maybe deliver it twice."""
         f = self.faults
         self.stats["messages"] += 1
@@ -534,7 +542,8 @@ class World:
         for _ in range(copies):
             if f.loss and self.rng.random() < f.loss:
                 self.stats["lost"] += 1
-                self.log(f"  LOST {what}")
+                if self.trace is not None:
+                    self.log(f"  LOST {kind} {w} n{src}->n{dst}")
                 continue
             self.after(self._delay(), fn)
 
@@ -546,20 +555,24 @@ class World:
             w = self._next_wire
             self._next_wire += 1
             self._wire[w] = _Wire(h.id, inc, e.req_id, e.to, e.msg)
-        self.log(f"n{h.id} -> n{e.to} req {w}: {fmt_msg(e.msg)}")
-        self._transmit(partial(self._deliver_request, h.id, e.to, w, e.msg), f"req {w} n{h.id}->n{e.to}")
+        if self.trace is not None:
+            self.log(f"n{h.id} -> n{e.to} req {w}: {fmt_msg(e.msg)}")
+        self._transmit(partial(self._deliver_request, h.id, e.to, w, e.msg), "req", w, h.id, e.to)
 
     def _deliver_request(self, src: NodeId, dst: NodeId, w: int, msg: Request) -> None:
         h = self.hosts[dst]
         core = h.core
         if core is None:
             if w and self.rng.random() < self.faults.unreachable:
-                self.log(f"n{dst} is down: req {w} from n{src} -> Unreachable")
+                if self.trace is not None:
+                    self.log(f"n{dst} is down: req {w} from n{src} -> Unreachable")
                 self.after(self.rng.uniform(0.1, 2.0), partial(self._deliver_reply, w, Unreachable()))
             else:
-                self.log(f"n{dst} is down: req {w} from n{src} vanishes")
+                if self.trace is not None:
+                    self.log(f"n{dst} is down: req {w} from n{src} vanishes")
             return
-        self.log(f"n{dst} <- n{src} req {w}: {fmt_msg(msg)}")
+        if self.trace is not None:
+            self.log(f"n{dst} <- n{src} req {w}: {fmt_msg(msg)}")
         if w and self.faults.spurious_unreachable and self.rng.random() < self.faults.spurious_unreachable:
             self.after(self.rng.uniform(0.1, 2.0), partial(self._deliver_reply, w, Unreachable()))
         self._apply(h, h.incarnation, core.on_request(src, w, msg))
@@ -570,8 +583,9 @@ class World:
             self.violations.append(f"t={self.now:.3f} n{h.id}: reply to an unknown request {e}")
             return
         self._check_durable(h, wire, e.reply)
-        self.log(f"n{h.id} -> n{e.to} reply {e.req_id}: {fmt_reply(e.reply)}")
-        self._transmit(partial(self._deliver_reply, e.req_id, e.reply), f"reply {e.req_id} n{h.id}->n{e.to}")
+        if self.trace is not None:
+            self.log(f"n{h.id} -> n{e.to} reply {e.req_id}: {fmt_reply(e.reply)}")
+        self._transmit(partial(self._deliver_reply, e.req_id, e.reply), "reply", e.req_id, h.id, e.to)
         if (
             self.faults.crash_after_reply
             and isinstance(e.reply, (Promise, Accepted))
@@ -585,7 +599,8 @@ class World:
         core = self._alive(self.hosts[wire.src], wire.src_inc)
         if core is None:
             return
-        self.log(f"n{wire.src} <- n{wire.dst} reply {w}: {fmt_reply(reply)}")
+        if self.trace is not None:
+            self.log(f"n{wire.src} <- n{wire.dst} reply {w}: {fmt_reply(reply)}")
         self._apply(self.hosts[wire.src], wire.src_inc, core.on_peer_reply(wire.req_id, reply))
 
     def _check_durable(self, h: Host, wire: _Wire, reply: Reply) -> None:
@@ -638,7 +653,8 @@ def fmt_msg(m: Request) -> str:
 
 def fmt_reply(r: Reply) -> str:
     if isinstance(r, Promise):
-        return f"Promise({fmt_ballot(r.ballot)} acc={fmt_ballot(r.accepted)} {fmt_proposal(r.proposal)} chosen={r.chosen})"
+        acc = f"acc={fmt_ballot(r.accepted)} {fmt_proposal(r.proposal)}"
+        return f"Promise({fmt_ballot(r.ballot)} {acc} chosen={r.chosen})"
     if isinstance(r, Accepted):
         return f"Accepted({fmt_ballot(r.ballot)})"
     if isinstance(r, State):

@@ -1,0 +1,202 @@
+"""Crashes against a real cluster of processes: kill -9 under load, loss of the majority, restarts."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from .cluster import Cluster
+
+DEADLINE_MS = 2000
+
+
+@pytest.fixture
+def slow_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, deadline_ms=DEADLINE_MS)
+    try:
+        c.start()
+        c.wait_peers()
+        yield c
+    finally:
+        c.close()
+
+
+class Load:
+    """Writers that SETONCE fresh and hot keys through every node until stopped (bounded)."""
+
+    def __init__(self, cluster: Cluster, threads: int = 6, max_ops: int = 20_000) -> None:
+        self.cluster = cluster
+        self.acked: dict[bytes, bytes] = {}  # key -> value answered +OK
+        self.nil: dict[bytes, list[bytes]] = {}  # key -> values answered nil
+        self.errors: list[str] = []
+        self.ops = 0
+        self.max_ops = max_ops
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _run(self, tid: int) -> None:
+        rng = random.Random(tid)
+        clients = {n.node_id: self.cluster.client(n.node_id, socket_timeout=DEADLINE_MS / 1000 + 5) for n in
+                   self.cluster.nodes}
+        i = 0
+        while not self.stop.is_set() and self.ops < self.max_ops:
+            i += 1
+            key = f"hot{rng.randrange(20)}".encode() if i % 3 == 0 else f"fresh-{tid}-{i}".encode()
+            value = f"{tid}-{i}".encode()
+            node = rng.choice(list(clients))
+            try:
+                r = clients[node].execute_command("SETONCE", key, value)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                with self.lock:
+                    self.errors.append(f"node {node}: {type(exc).__name__}")
+                time.sleep(0.01)
+                continue
+            except redis.ResponseError as exc:
+                with self.lock:
+                    self.errors.append(f"node {node}: {exc}")
+                continue
+            with self.lock:
+                self.ops += 1
+                if r in (b"OK", True):
+                    assert key not in self.acked, f"second +OK for {key!r}"
+                    self.acked[key] = value
+                else:
+                    assert r is None, r
+                    self.nil.setdefault(key, []).append(value)
+
+    def wait_ops(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.ops < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.ops >= n, f"only {self.ops} operations completed in {timeout_s}s: {self.errors[-5:]}"
+
+
+def check_acked(cluster: Cluster, acked: dict[bytes, bytes], node_ids: list[int]) -> None:
+    for nid in node_ids:
+        c = cluster.client(nid)
+        keys = list(acked)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            values = c.mget(chunk)
+            for k, v in zip(chunk, values, strict=True):
+                assert v == acked[k], f"node {nid}: {k!r} acknowledged as {acked[k]!r}, reads {v!r}"
+
+
+def test_kill_one_node_mid_load_loses_nothing(slow_cluster: Cluster) -> None:
+    c = slow_cluster
+    with Load(c) as load:
+        load.wait_ops(1000)
+        c.kill(2)  # kill -9 while writes are in flight
+        before = load.ops
+        load.wait_ops(before + 1000)  # the two survivors keep serving
+    assert load.acked
+    check_acked(c, load.acked, [1, 3])
+    # Every hot key that anyone wrote has exactly one value, readable on both survivors.
+    for key, values in load.nil.items():
+        v1 = c.client(1).get(key)
+        assert v1 is not None, f"{key!r} answered nil to a write but reads nil"
+        assert v1 == c.client(3).get(key)
+        assert key not in load.acked or load.acked[key] == v1
+    c.start(2)
+    c.wait_peers()
+    check_acked(c, load.acked, [2])
+
+
+def test_losing_the_majority_fails_fast_then_recovers(slow_cluster: Cluster) -> None:
+    c = slow_cluster
+    n1 = c.client(1, socket_timeout=DEADLINE_MS / 1000 + 5)
+    assert n1.execute_command("SETONCE", "before", "v") in (b"OK", True)
+    c.kill(2)
+    c.kill(3)
+    for key in ("new1", "new2"):
+        with pytest.raises(redis.ResponseError) as e:
+            n1.execute_command("SETONCE", key, "x")
+        assert str(e.value).startswith("NOQUORUM"), str(e.value)
+    with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+        n1.get("never-written")
+    # A value this node knows is chosen can still be read: it can never change.
+    assert n1.get("before") == b"v"
+    # NOQUORUM means the value was not accepted anywhere: after recovery it is not there.
+    c.start(2, 3)
+    c.wait_peers()
+    assert c.client(2).get("new1") is None
+    assert n1.execute_command("SETONCE", "new1", "y") in (b"OK", True)
+    assert c.client(3).get("new1") == b"y"
+
+
+def test_paused_majority_gives_errors_not_hangs(slow_cluster: Cluster) -> None:
+    c = slow_cluster
+    n1 = c.client(1, socket_timeout=DEADLINE_MS / 1000 + 5)
+    c.kill(2, signal.SIGSTOP)
+    c.kill(3, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            with pytest.raises(redis.ResponseError) as e:
+                n1.execute_command("SETONCE", f"paused{i}", "x")
+            assert str(e.value).split()[0] in ("NOQUORUM", "UNCERTAIN"), str(e.value)
+    finally:
+        c.kill(2, signal.SIGCONT)
+        c.kill(3, signal.SIGCONT)
+    c.wait_peers()
+    # After the pause, every key has one value (or none), agreed by all nodes.
+    for i in range(3):
+        values = {c.client(n).get(f"paused{i}") for n in (1, 2, 3)}
+        assert len(values) == 1, values
+    assert n1.execute_command("SETONCE", "after-pause", "ok") in (b"OK", True)
+
+
+def test_data_survives_full_cluster_restart(slow_cluster: Cluster) -> None:
+    c = slow_cluster
+    written = {f"k{i}".encode(): f"v{i}".encode() for i in range(200)}
+    for i, (k, v) in enumerate(written.items()):
+        assert c.client(1 + i % 3).execute_command("SETONCE", k, v) in (b"OK", True)
+    for n in (1, 2, 3):
+        c.kill(n)  # kill -9 everything: only fsynced state survives
+    c.start()
+    c.wait_peers()
+    check_acked(c, written, [1, 2, 3])
+    assert c.client(2).get("never") is None
+    assert c.client(3).execute_command("SETONCE", "k1", "other") is None
+    info = c.client(1).info("paxos")
+    assert int(info["incarnation"]) == 2
+
+
+def test_corrupt_state_file_is_refused_loudly_never_read_as_empty(slow_cluster: Cluster) -> None:
+    from respreg.storage import KeyFiles
+
+    c = slow_cluster
+    assert c.client(1).execute_command("SETONCE", "precious", "v") in (b"OK", True)
+    c.kill(1)
+    files = KeyFiles(c.node(1).data_dir / "keys")
+    path = files.path_for(b"precious")
+    files.close()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    c.start(1)
+    c.wait_peers()
+    n1 = c.client(1)
+    # The other two acceptors still form a majority: the value is served, never nil.
+    assert n1.get("precious") == b"v"
+    assert n1.execute_command("SETONCE", "precious", "w") is None
+    assert int(n1.info("paxos")["alarms"]) >= 1
+    assert "corrupt" in c.node(1).log_path.read_text()
+    assert path.read_bytes() == bytes(data), "the corrupt file must be kept for the operator"
