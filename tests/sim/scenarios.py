@@ -146,12 +146,19 @@ def _node_config(rng: random.Random) -> NodeConfig:
 
 
 def _make_world(
-    scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults], lying_disk: bool = False
+    scenario: str,
+    seed: int,
+    nodes: int,
+    trace: bool,
+    tweak: Callable[[Faults], Faults],
+    lying_disk: bool = False,
+    config: NodeConfig | None = None,
 ) -> World:
     rng = random.Random(f"{scenario}/{nodes}/{seed}")
     faults = tweak(Faults.draw(rng))
-    config = _node_config(rng)
-    return World(rng, nodes, faults, WorldOptions(node_config=config, trace=trace, lying_disk=lying_disk))
+    drawn = _node_config(rng)
+    options = WorldOptions(node_config=config or drawn, trace=trace, lying_disk=lying_disk)
+    return World(rng, nodes, faults, options)
 
 
 def _run_ops(world: World, recs: list[OpRecord | None]) -> list[OpRecord]:
@@ -219,19 +226,30 @@ def run_standard(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     return _run_faulty("standard", seed, nodes, trace, lambda f: f)
 
 
-def run_crash_after_reply(seed: int, nodes: int = 3, trace: bool = False, lying_disk: bool = False) -> Result:
-    """Nodes crash right after sending a Promise/Accepted; ``lying_disk`` breaks fsync on purpose."""
+def run_crash_after_reply(
+    seed: int, nodes: int = 3, trace: bool = False, lying_disk: bool = False, config: NodeConfig | None = None
+) -> Result:
+    """Nodes crash right after sending a Promise/Accepted; ``lying_disk`` breaks fsync on purpose.
+
+    ``config`` replaces the node configuration the seed would draw.
+    """
 
     def tweak(f: Faults) -> Faults:
         return replace(f, crash_after_reply=0.15, crash_every_ms=None, down_max_ms=300.0)
 
-    return _run_faulty("crash-after-reply", seed, nodes, trace, tweak, lying_disk)
+    return _run_faulty("crash-after-reply", seed, nodes, trace, tweak, lying_disk, config)
 
 
 def _run_faulty(
-    scenario: str, seed: int, nodes: int, trace: bool, tweak: Callable[[Faults], Faults], lying_disk: bool = False
+    scenario: str,
+    seed: int,
+    nodes: int,
+    trace: bool,
+    tweak: Callable[[Faults], Faults],
+    lying_disk: bool = False,
+    config: NodeConfig | None = None,
 ) -> Result:
-    world = _make_world(scenario, seed, nodes, trace, tweak, lying_disk)
+    world = _make_world(scenario, seed, nodes, trace, tweak, lying_disk, config)
     res = Result(scenario, seed, nodes, world)
     rng = world.rng
     stop = rng.choice([1000.0, 3000.0, 6000.0])
