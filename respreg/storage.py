@@ -382,7 +382,9 @@ class KeyFiles:
                     try:
                         os.mkdir(directory, 0o755)
                     except FileExistsError:
-                        continue
+                        pass
+                    # The parent is fsynced even when the directory already existed: an earlier
+                    # process may have created it and crashed before its parent's fsync.
                     # Remembered until its fsync succeeds, so a failed fsync is retried by the
                     # next call even though the directory then already exists.
                     self._unsynced_parents.add(directory.parent)

@@ -200,3 +200,28 @@ def test_corrupt_state_file_is_refused_loudly_never_read_as_empty(slow_cluster: 
     assert int(n1.info("paxos")["alarms"]) >= 1
     assert "corrupt" in c.node(1).log_path.read_text()
     assert path.read_bytes() == bytes(data), "the corrupt file must be kept for the operator"
+
+
+def test_five_nodes_survive_two_crashes(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, size=5, deadline_ms=DEADLINE_MS)
+    try:
+        c.start()
+        c.wait_peers()
+        assert int(c.client(1).info("paxos")["quorum"]) == 3
+        assert c.client(1).execute_command("SETONCE", "five", "a") in (b"OK", True)
+        c.kill(2)
+        c.kill(5)
+        assert c.client(3).execute_command("SETONCE", "five", "b") is None
+        assert c.client(4).execute_command("SETONCE", "five-2", "c") in (b"OK", True)
+        assert c.client(3).get("five-2") == b"c"
+        c.kill(4)  # now only 2 of 5: no majority
+        with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+            c.client(1).execute_command("SETONCE", "five-3", "d")
+        c.start(2, 4, 5)
+        c.wait_peers()
+        for n in range(1, 6):
+            assert c.client(n).get("five") == b"a"
+            assert c.client(n).get("five-2") == b"c"
+            assert c.client(n).get("five-3") is None
+    finally:
+        c.close()

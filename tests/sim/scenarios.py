@@ -162,9 +162,9 @@ def _make_world(
 
 
 def _run_ops(world: World, recs: list[OpRecord | None]) -> list[OpRecord]:
-    done = [r for r in recs if r is not None]
-    world.run_while(lambda: any(not r.done for r in done), world.now + world.deadline_ms + 50.0)
-    return done
+    started = [r for r in recs if r is not None]
+    world.run_while(lambda: world.pending_ops() > 0, world.now + world.deadline_ms + 50.0)
+    return started
 
 
 def liveness_phase(world: World, workload: Workload, res: Result) -> None:
