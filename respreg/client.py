@@ -63,6 +63,8 @@ class ClientProtocol(asyncio.Protocol):
         self.last_cmd = "NULL"
         self.queue: deque[_Slot] = deque()
         self.key_busy: dict[bytes, asyncio.Future[Any]] = {}
+        #: Set while a command that waited behind earlier ones starts: what is left of its deadline.
+        self.budget_ms: float | None = None
         self.inflight = 0
         self.closing = False
         self.closed = False
@@ -241,9 +243,12 @@ class ClientProtocol(asyncio.Protocol):
         self, blockers: set[asyncio.Future[Any]], handler: Handler, args: list[bytes], keys: list[bytes]
     ) -> Deferred:
         """Run ``handler`` once every blocker is done; the returned future carries its reply."""
-        outer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[bytes] = loop.create_future()
         self._mark_busy(keys, outer)
         remaining = len(blockers)
+        # The deadline runs from arrival, so a chain of commands on one key stays bounded too.
+        deadline = loop.time() + self.srv.config.deadline_ms / 1000
 
         def finished(fut: asyncio.Future[Any], fmt: Callable[[Any], bytes]) -> None:
             try:
@@ -257,7 +262,17 @@ class ClientProtocol(asyncio.Protocol):
             remaining -= 1
             if remaining:
                 return
-            result = self._call(handler, args)
+            budget_ms = (deadline - loop.time()) * 1000
+            if budget_ms <= 0:
+                outer.set_result(
+                    error("NOQUORUM deadline passed behind earlier commands on the same key; not attempted")
+                )
+                return
+            self.budget_ms = budget_ms
+            try:
+                result = self._call(handler, args)
+            finally:
+                self.budget_ms = None
             if isinstance(result, bytes):
                 outer.set_result(result)
             else:
@@ -320,7 +335,7 @@ def _write(c: ClientProtocol, key: bytes, value: bytes, ok: bytes, taken: Callab
     known = c.srv.chosen_value(key)
     if known is not None:
         return taken(known)
-    fut, pid = c.srv.write(key, value)
+    fut, pid = c.srv.write(key, value, c.budget_ms)
 
     def fmt(outcome: Outcome) -> bytes:
         if isinstance(outcome, Chosen):
@@ -386,7 +401,7 @@ def _read(c: ClientProtocol, key: bytes, fmt: Callable[[bytes | None], bytes]) -
         assert isinstance(outcome, Failed)
         return _failure_reply(outcome)
 
-    return c.srv.read(key), done
+    return c.srv.read(key, c.budget_ms), done
 
 
 def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
@@ -414,7 +429,7 @@ def _multi_read(
             f.set_result(Chosen(Proposal(b"", known)))
             futs.append(f)
         else:
-            futs.append(c.srv.read(k))
+            futs.append(c.srv.read(k, c.budget_ms))
     gathered = asyncio.gather(*futs)
 
     def done(outcomes: list[Outcome]) -> bytes:

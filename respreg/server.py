@@ -179,21 +179,23 @@ class NodeServer:
         p = self.core.chosen(key)
         return None if p is None else p.value
 
-    def write(self, key: bytes, value: bytes) -> tuple[asyncio.Future[Outcome], bytes]:
+    def write(
+        self, key: bytes, value: bytes, deadline_ms: float | None = None
+    ) -> tuple[asyncio.Future[Outcome], bytes]:
         """Start a SETONCE; returns the outcome future and the proposal id of this call."""
         assert self.core is not None
         op_id = self._new_op()
         pid = struct.pack(">HQQ", self.me, self.incarnation, op_id)
         fut = self._ops[op_id]
-        self._apply(self.core.begin_write(op_id, key, Proposal(pid, value)))
+        self._apply(self.core.begin_write(op_id, key, Proposal(pid, value), deadline_ms))
         return fut, pid
 
-    def read(self, key: bytes) -> asyncio.Future[Outcome]:
+    def read(self, key: bytes, deadline_ms: float | None = None) -> asyncio.Future[Outcome]:
         """Start a linearizable GET."""
         assert self.core is not None
         op_id = self._new_op()
         fut = self._ops[op_id]
-        self._apply(self.core.begin_read(op_id, key))
+        self._apply(self.core.begin_read(op_id, key, deadline_ms))
         return fut
 
     def _new_op(self) -> int:

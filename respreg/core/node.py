@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from . import acceptor
@@ -177,36 +177,36 @@ class NodeCore:
             self._chosen.move_to_end(key)
         return p
 
-    def begin_write(self, op_id: int, key: bytes, proposal: Proposal) -> list[NodeEffect]:
+    def begin_write(
+        self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None = None
+    ) -> list[NodeEffect]:
+        """Start a SETONCE; ``deadline_ms`` overrides the configured deadline for this one."""
         self.stats["writes_started"] += 1
         known = self.chosen(key)
         if known is not None:
             # Chosen before this call began: the write fails (linearizes right at its start).
             self.stats["writes_local_nil"] += 1
             return [OpDone(op_id, Chosen(known))]
-        return self._begin(op_id, key, proposal)
+        return self._begin(op_id, key, proposal, deadline_ms)
 
-    def begin_read(self, op_id: int, key: bytes) -> list[NodeEffect]:
+    def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
         self.stats["reads_started"] += 1
         known = self.chosen(key)
         if known is not None:
             self.stats["reads_local"] += 1
             return [OpDone(op_id, Chosen(known))]
-        return self._begin(op_id, key, None)
+        return self._begin(op_id, key, None, deadline_ms)
 
-    def _begin(self, op_id: int, key: bytes, proposal: Proposal | None) -> list[NodeEffect]:
+    def _begin(self, op_id: int, key: bytes, proposal: Proposal | None, deadline_ms: float | None) -> list[NodeEffect]:
         if op_id in self._ops:
             raise ValueError(f"operation {op_id} already running")
-        p = Proposer(
-            key, self.me, self.nodes, self.incarnation, proposal, self._alloc_round, self._random, self.config.proposer
-        )
+        config = self.config.proposer
+        if deadline_ms is not None:
+            config = replace(config, deadline_ms=deadline_ms)
+        p = Proposer(key, self.me, self.nodes, self.incarnation, proposal, self._alloc_round, self._random, config)
         self._ops[op_id] = p
         self._op_reqs[op_id] = []
         return self._run(op_id, p.start())
-
-    def cancel(self, op_id: int) -> None:
-        """Forget an operation (its client went away); late replies are ignored."""
-        self._drop_op(op_id)
 
     def _alloc_round(self, at_least: int) -> int:
         self._round = max(self._round + 1, at_least)
