@@ -294,8 +294,11 @@ class NodeCore:
             self.stats["refused_sent"] += 1
             reason = f"state of this key is unreadable: {exc}"
             return [Alarm(msg.key, reason), *self._respond(sender, req_id, Refused(reason))]
-        chosen = msg.key in self._chosen
         old = slot.state
+        # "chosen" vouches for the proposal the reply carries, which is this acceptor's own
+        # accepted one: it may be an older proposal than the chosen one this node learned.
+        known = self._chosen.get(msg.key)
+        chosen = known is not None and known == old.proposal
         reply: Reply
         if isinstance(msg, Prepare):
             self.stats["prepare_received"] += 1
@@ -350,16 +353,18 @@ class NodeCore:
     def _slot(self, key: bytes) -> _Slot:
         slot = self._slots.get(key)
         if slot is None:
-            slot = _Slot(self._load(key), self._version)
+            state = self._load(key)
+            # Make room first: the slot being inserted is in use and must not be evicted.
+            self._evict(reserve=1)
+            slot = _Slot(state, self._version)
             self._slots[key] = slot
-            self._evict()
         else:
             self._slots.move_to_end(key)
         return slot
 
-    def _evict(self) -> None:
-        """Drop the least recently used clean slots beyond the cache size."""
-        excess = len(self._slots) - self.config.state_cache_keys
+    def _evict(self, reserve: int = 0) -> None:
+        """Drop the least recently used clean slots beyond the cache size (minus ``reserve``)."""
+        excess = len(self._slots) + reserve - self.config.state_cache_keys
         if excess <= 0:
             return
         for key in list(islice(self._slots, excess * 2)):

@@ -47,6 +47,7 @@ from respreg.core.proposer import Chosen, Empty, Outcome
 from respreg.core.types import (
     EMPTY_STATE,
     NO_BALLOT,
+    Accept,
     Accepted,
     AcceptorState,
     Ballot,
@@ -86,6 +87,9 @@ class Faults:
     persist_max_ms: float = 2.0
     #: Chance that a node crashes at once after it sent a Promise or Accepted reply.
     crash_after_reply: float = 0.0
+    #: Chance that a node crashes in the middle of broadcasting an Accept: the requests after
+    #: that one, and its own acceptor's write, never happen.
+    crash_mid_accept: float = 0.0
 
     @staticmethod
     def draw(rng: random.Random) -> Faults:
@@ -118,6 +122,7 @@ class Faults:
             spurious_unreachable=0.0,
             crash_every_ms=None,
             crash_after_reply=0.0,
+            crash_mid_accept=0.0,
         )
 
 
@@ -287,6 +292,7 @@ class World:
         self._next_wire = 1
         self._next_op = 1
         self._next_pid = 1
+        self._pending = 0
         self.crashes_enabled = faults.crash_every_ms is not None
         self.stats = {"messages": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
         for h in self.hosts.values():
@@ -355,6 +361,7 @@ class World:
             self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
         h.core = None
         ops, h.ops = h.ops, {}
+        self._pending -= len(ops)
         callbacks, h.ops_done = h.ops_done, {}
         for op_id, rec in ops.items():
             rec.crashed = True
@@ -423,6 +430,7 @@ class World:
         rec = OpRecord(op_id, client, int(nid), "write" if proposal else "read", key, proposal, self.now, phase=phase)
         self.history.append(rec)
         h.ops[op_id] = rec
+        self._pending += 1
         if on_done is not None:
             h.ops_done[op_id] = on_done
         if self.trace is not None:
@@ -439,6 +447,7 @@ class World:
         if rec is None:
             self.violations.append(f"t={self.now:.3f} n{h.id}: OpDone for unknown or finished op {op_id}")
             return
+        self._pending -= 1
         rec.complete = self.now
         rec.outcome = outcome
         if self.trace is not None:
@@ -452,7 +461,8 @@ class World:
             cb(rec)
 
     def pending_ops(self) -> int:
-        return sum(len(h.ops) for h in self.hosts.values())
+        """Client operations running on nodes that are up."""
+        return self._pending
 
     # ---- effects -----------------------------------------------------------------------------
 
@@ -462,6 +472,15 @@ class World:
                 self._persist(h, inc, e)
             elif isinstance(e, PeerSend):
                 self._send_request(h, inc, e)
+                if (
+                    self.faults.crash_mid_accept
+                    and isinstance(e.msg, Accept)
+                    and self.rng.random() < self.faults.crash_mid_accept
+                    and self.down_count() < self.max_down
+                ):
+                    f = self.faults
+                    self.crash(h.id, self.rng.uniform(f.down_min_ms, f.down_max_ms))
+                    return  # the rest of this batch dies with the node's memory
             elif isinstance(e, PeerRespond):
                 self._send_reply(h, e)
             elif isinstance(e, OpTimer):
