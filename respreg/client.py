@@ -34,6 +34,8 @@ Deferred = tuple["asyncio.Future[Any]", Callable[[Any], bytes]]
 Handler = Callable[["ClientProtocol", list[bytes]], "bytes | Deferred"]
 
 REDIS_COMPAT_VERSION = "7.0.0"
+#: Ready replies of one packet are handed to the transport whenever this many bytes collect.
+_WRITE_CHUNK = 64 * 1024
 
 log = logging.getLogger("respreg.client")
 
@@ -128,6 +130,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         out: list[bytes] = []
+        out_size = 0
         queue = self.queue
         srv_stats = self.srv.stats
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
@@ -151,6 +154,13 @@ class ClientProtocol(asyncio.Protocol):
                     queue.append(_Slot(result))
                 else:
                     out.append(result)
+                    out_size += len(result)
+                    if out_size >= _WRITE_CHUNK and self.transport is not None and not self.closed:
+                        # Hand big batches to the transport as they grow: if the client does not
+                        # read, pause_writing stops this loop before replies pile up in memory.
+                        self.transport.write(b"".join(out))
+                        out.clear()
+                        out_size = 0
                 continue
             fut, fmt = result
             if fut.done():
@@ -300,14 +310,14 @@ def _same(reply: bytes) -> bytes:
     return reply
 
 
-def unknown_command(args: list[bytes]) -> str:
-    """redis-server's wording for an unknown command."""
-    shown = ""
+def unknown_command(args: list[bytes]) -> bytes:
+    """redis-server's wording for an unknown command, echoing the bytes sent (128 at most)."""
+    shown = b""
     for a in args[1:]:
         if len(shown) >= 128:
             break
-        shown += "'" + a.decode("utf-8", "replace")[: 128 - len(shown)] + "' "
-    return f"ERR unknown command '{args[0].decode('utf-8', 'replace')[:128]}', with args beginning with: {shown}"
+        shown += b"'" + a[: 128 - len(shown)] + b"' "
+    return b"ERR unknown command '" + args[0][:128] + b"', with args beginning with: " + shown
 
 
 # ---- register commands -----------------------------------------------------------------------

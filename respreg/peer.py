@@ -375,7 +375,9 @@ class PeerLink(asyncio.Protocol):
             self._transport.abort()
             self._drop("peer timed out")
             return
-        if self.up and not self._pending and self._waiting_pong == 0 and now - self._last_rx > self.timeout_s / 4:
+        # Ping also while requests wait: a peer busy with fsyncs still answers PING from its
+        # event loop, and that is what tells a slow peer from a dead or paused one.
+        if self.up and self._waiting_pong == 0 and now - self._last_rx > self.timeout_s / 4:
             self._waiting_pong += 1
             self._write(b"*1\r\n$4\r\nPING\r\n")
 

@@ -27,6 +27,20 @@ class ProtocolError(Exception):
     """The client broke the protocol. ``str(exc)`` is the reply text without ``ERR``."""
 
 
+def _strict_int(text: bytes) -> int | None:
+    """Parse a length the way redis-server's ``string2ll`` does: optional '-', digits, no
+    leading zeros, no '+', no spaces; None when it would refuse."""
+    if not text or len(text) > 20:
+        return None
+    if text.isdigit():
+        if text[0] == 48 and len(text) > 1:
+            return None
+        return int(text)
+    if text[0] == 45 and len(text) > 1 and text[1] != 48 and text[1:].isdigit():
+        return -int(text[1:])
+    return None
+
+
 class RequestParser:
     """Incremental request parser: ``feed`` bytes, then call ``next`` until it returns None."""
 
@@ -79,16 +93,15 @@ class RequestParser:
                     if cmd:
                         return cmd
                     continue  # an empty line: ignored, like redis-server
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
+                # Like redis-server: the line ends at the first CR, and one more byte (the LF,
+                # not checked) must have arrived.
+                nl = buf.find(b"\r", pos)
+                if nl < 0 or nl + 1 >= len(buf):
                     if len(buf) - pos > MAX_INLINE:
                         raise ProtocolError("Protocol error: too big mbulk count string")
                     return None
-                try:
-                    count = int(buf[pos + 1 : nl])
-                except ValueError:
-                    raise ProtocolError("Protocol error: invalid multibulk length") from None
-                if count > self.max_args or count > 2147483647:
+                count = _strict_int(buf[pos + 1 : nl])
+                if count is None or count > self.max_args or count > 2147483647:
                     raise ProtocolError("Protocol error: invalid multibulk length")
                 self._pos = pos = nl + 2
                 if count <= 0:
@@ -101,19 +114,16 @@ class RequestParser:
                 if pos >= len(buf):
                     self._pos = pos
                     return None
-                if buf[pos] != 36:  # '$'
-                    raise ProtocolError(f"Protocol error: expected '$', got '{chr(buf[pos])}'")
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
+                nl = buf.find(b"\r", pos)
+                if nl < 0 or nl + 1 >= len(buf):
                     if len(buf) - pos > MAX_INLINE:
                         raise ProtocolError("Protocol error: too big bulk count string")
                     self._pos = pos
                     return None
-                try:
-                    size = int(buf[pos + 1 : nl])
-                except ValueError:
-                    raise ProtocolError("Protocol error: invalid bulk length") from None
-                if size < 0 or size > self.max_bulk:
+                if buf[pos] != 36:  # '$'
+                    raise ProtocolError(f"Protocol error: expected '$', got '{chr(buf[pos])}'")
+                size = _strict_int(buf[pos + 1 : nl])
+                if size is None or size < 0 or size > self.max_bulk:
                     raise ProtocolError("Protocol error: invalid bulk length")
                 start = nl + 2
                 end = start + size
@@ -149,13 +159,14 @@ class RequestParser:
 
 
 _ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
-_SPACE = b" \n\r\t\v\f"
+_SPACE = b" \n\r\t\v\f"  # isspace(): skipped between arguments, and allowed after a closing quote
+_ENDS_ARG = b" \n\r\t"  # what ends an unquoted argument in sdssplitargs (NUL bytes are kept)
 _HEX = b"0123456789abcdefABCDEF"
 
 
 def split_args(line: bytes) -> list[bytes] | None:
     """Split an inline command like redis-server's ``sdssplitargs``; None on unbalanced quotes."""
-    if b'"' not in line and b"'" not in line:
+    if b'"' not in line and b"'" not in line and b"\v" not in line and b"\f" not in line:
         return line.split()
     out: list[bytes] = []
     i, n = 0, len(line)
@@ -204,7 +215,7 @@ def split_args(line: bytes) -> list[bytes] | None:
                 if i >= n:
                     break
                 c = line[i]
-                if c in _SPACE:
+                if c in _ENDS_ARG:
                     break
                 if c == 34:
                     in_dq = True
@@ -251,9 +262,10 @@ def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def error(text: str) -> bytes:
-    """An error reply; newlines are not allowed inside, so they become spaces."""
-    return b"-" + text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + b"\r\n"
+def error(text: str | bytes) -> bytes:
+    """An error reply; newlines are not allowed inside, so they become spaces (as in Redis)."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    return b"-" + data.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
 
 
 Value = (

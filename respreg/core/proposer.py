@@ -220,7 +220,10 @@ class Proposer:
 
     def _broadcast(self, msg: Request) -> list[Effect]:
         effects: list[Effect] = [Send(n, msg, self.seq) for n in self.nodes]
-        effects.append(SetTimer(self.config.attempt_timeout_ms, self.seq))
+        # The phase timeout doubles with every attempt: a timeout usually means the acceptors are
+        # slow (a long fsync queue), and retrying fast with new ballots would only add disk work.
+        timeout = self.config.attempt_timeout_ms * (2 ** min(max(self.attempts - 1, 0), 8))
+        effects.append(SetTimer(timeout, self.seq))
         return effects
 
     def _begin_read(self) -> list[Effect]:
