@@ -104,12 +104,22 @@ def serve(argv: Sequence[str]) -> int:
     return 0
 
 
-def _ping(host: str, port: int) -> bool:
+def _serving(host: str, port: int, peers: int) -> bool:
+    """True when the node answers and its links to all ``peers`` other nodes are up."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
+            s.sendall(b"INFO paxos\r\n")
+            data = b""
+            while len(data) < 1 << 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return False
+                data += chunk
+                head, sep, _ = data.partition(b"\r\n")
+                if sep and head.startswith(b"$") and len(data) >= len(head) + int(head[1:]) + 4:
+                    return f"peers_up:{peers}\r\n".encode() in data
+            return False
+    except (OSError, ValueError):
         return False
 
 
@@ -200,7 +210,7 @@ def cluster(argv: Sequence[str]) -> int:
     try:
         while not stopping:
             if not ready:
-                if all(_ping(args.bind, args.port + i - 1) for i in ids):
+                if all(_serving(args.bind, args.port + i - 1, len(ids) - 1) for i in ids):
                     ready = True
                     print(
                         f"ready: {args.nodes} nodes, try: redis-cli -p {args.port} SETONCE greeting hello", flush=True
