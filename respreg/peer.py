@@ -7,7 +7,9 @@ with the request id, so a reply waiting for an fsync never holds up others.
 
 Wire format (every field a bulk string on the request side)::
 
-    PEER.HELLO <secret> <from-node> <to-node>       -> +OK, or an error and the link is closed
+    PEER.HELLO <secret> <from> <to> <identity-hex> -> +OK, or +REMEMBERS <identity-hex> when the
+                                                      receiver knew node <from> under another
+                                                      identity; an error closes the link
     PING                                           -> +PONG (heartbeat)
     PX <req> P <key> <round> <node> <inc>          prepare
     PX <req> A <key> <round> <node> <inc> <pid> <value>   accept
@@ -179,11 +181,13 @@ class PeerServerProtocol(asyncio.Protocol):
         secret: str,
         on_request: Callable[[NodeId, int, Request, PeerServerProtocol], None],
         max_bulk: int,
+        check_identity: Callable[[NodeId, bytes], bytes | None],
     ) -> None:
         self._me = me
         self._members = members
         self._secret = secret.encode()
         self._on_request = on_request
+        self._check_identity = check_identity
         self._parser = RequestParser(max_bulk=max_bulk, max_args=16)
         self._transport: asyncio.Transport | None = None
         self._peer: NodeId | None = None
@@ -228,20 +232,30 @@ class PeerServerProtocol(asyncio.Protocol):
     def _command(self, args: list[bytes]) -> None:
         name = args[0].upper()
         if self._peer is None:
-            if name == b"PEER.HELLO" and len(args) == 4:
+            if name == b"PEER.HELLO" and len(args) == 5:
                 try:
                     sender, target = int(args[2]), int(args[3])
-                except ValueError:
+                    identity = bytes.fromhex(args[4].decode("ascii"))
+                except (ValueError, UnicodeDecodeError):
                     sender = target = -1
+                    identity = b""
                 if not hmac.compare_digest(args[1], self._secret):
                     self._reject("NOAUTH peer authentication failed: wrong cluster secret")
-                elif sender not in self._members or target != self._me:
+                elif sender not in self._members or target != self._me or sender == self._me or not identity:
                     self._reject(
                         f"ERR peer handshake names {args[2]!r} -> {args[3]!r}, not a member link to node {self._me}"
                     )
                 else:
+                    try:
+                        remembered = self._check_identity(NodeId(sender), identity)
+                    except OSError as exc:
+                        log.error("cannot record the identity of node %d: %s", sender, exc)
+                        self._reject("ERR this node cannot record peer identities now (disk error)")
+                        return
                     self._peer = NodeId(sender)
-                    self._send(b"+OK\r\n")
+                    self._send(
+                        b"+OK\r\n" if remembered is None else b"+REMEMBERS " + remembered.hex().encode() + b"\r\n"
+                    )
                 return
             if name == b"PING":
                 self._send(b"+PONG\r\n")
@@ -297,6 +311,8 @@ class PeerLink(asyncio.Protocol):
         secret: str,
         on_reply: Callable[[int, Reply], None],
         timeout_s: float,
+        identity: bytes,
+        on_hello: Callable[[NodeId, bytes | None], None],
     ) -> None:
         self.me = me
         self.peer = peer
@@ -305,6 +321,8 @@ class PeerLink(asyncio.Protocol):
         self.bind = bind
         self._secret = secret.encode()
         self._on_reply = on_reply
+        self._identity = identity
+        self._on_hello = on_hello
         self.timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
@@ -348,7 +366,9 @@ class PeerLink(asyncio.Protocol):
                     timeout=self.timeout_s,
                 )
                 assert self._transport is not None
-                self._transport.write(_cmd(b"PEER.HELLO", self._secret, b"%d" % self.me, b"%d" % self.peer))
+                self._transport.write(
+                    _cmd(b"PEER.HELLO", self._secret, b"%d" % self.me, b"%d" % self.peer, self._identity.hex().encode())
+                )
                 self._last_rx = loop.time()
                 # Up once the handshake is answered (a paused peer accepts TCP but never answers).
                 while self._transport is not None and not self._stopping:
@@ -415,9 +435,15 @@ class PeerLink(asyncio.Protocol):
             if isinstance(r, hiredis.ReplyError):
                 self._fail(f"peer refused the link: {r}")
                 return
-            if r == b"OK" and not self.up:
+            if not self.up and isinstance(r, bytes) and (r == b"OK" or r.startswith(b"REMEMBERS ")):
                 self.up = True
                 self.ups += 1
+                try:
+                    remembered = None if r == b"OK" else bytes.fromhex(r[10:].decode("ascii"))
+                except ValueError:
+                    self._fail("malformed handshake reply")
+                    return
+                self._on_hello(self.peer, remembered)
                 continue
             if r == b"PONG":
                 self._waiting_pong = max(0, self._waiting_pong - 1)

@@ -32,7 +32,19 @@ from .core.node import (
 from .core.proposer import ProposerConfig
 from .core.types import EMPTY_STATE, AcceptorState, NodeId, Proposal, Reply, Request, Unreachable
 from .peer import PeerLink, PeerServerProtocol
-from .storage import GroupCommitter, KeyFiles, NodeInfo, open_node
+from .storage import (
+    AMNESIAC,
+    JOINING,
+    VOTING,
+    GroupCommitter,
+    KeyFiles,
+    NodeInfo,
+    NodeMeta,
+    load_peer_identities,
+    open_node,
+    save_peer_identities,
+    write_meta,
+)
 
 if TYPE_CHECKING:
     from .client import ClientProtocol
@@ -72,6 +84,9 @@ class NodeServer:
         self.committer: GroupCommitter | None = None
         self.core: NodeCore | None = None
         self.incarnation = 0
+        self.status = VOTING
+        self._peer_identities: dict[int, bytes] = {}
+        self._confirmed: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -81,6 +96,8 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         self._handle = open_node(cfg.data_dir, cfg.node_id)
         self.incarnation = self._handle.incarnation
+        self.status = self._handle.status
+        self._peer_identities = load_peer_identities(cfg.data_dir)
         self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads)
         self.committer = GroupCommitter(self._files, loop)
         node_config = NodeConfig(
@@ -93,6 +110,9 @@ class NodeServer:
         self.core = NodeCore(
             self.me, [NodeId(p.node_id) for p in cfg.peers], self.incarnation, self._load, rng.random, node_config
         )
+        self._apply_status()
+        if self.status == JOINING and len(cfg.peers) == 1:
+            self._set_status(VOTING)
         members = frozenset(p.node_id for p in cfg.peers)
         try:
             from .client import ClientProtocol
@@ -106,6 +126,7 @@ class NodeServer:
                         cfg.cluster_secret,
                         self._on_peer_request,
                         cfg.proto_max_bulk_len,
+                        self._check_identity,
                     ),
                     cfg.bind,
                     cfg.peer_port,
@@ -134,6 +155,8 @@ class NodeServer:
                 cfg.cluster_secret,
                 self._on_peer_reply,
                 cfg.peer_timeout_ms / 1000,
+                self._handle.identity,
+                self._on_hello,
             )
             self.links[NodeId(p.node_id)] = link
             link.start()
@@ -155,6 +178,78 @@ class NodeServer:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    # ---- identity: a member whose state was lost must not vote --------------------------------
+
+    def _check_identity(self, peer: NodeId, identity: bytes) -> bytes | None:
+        """A peer's handshake: remember its identity the first time; return the identity we
+        remember when it presents another one (its data directory was replaced)."""
+        known = self._peer_identities.get(peer)
+        if known is None:
+            self._peer_identities[peer] = identity
+            save_peer_identities(self.config.data_dir, self._peer_identities)
+            return None
+        if known != identity:
+            log.error(
+                "node %d presents identity %s but this node knew it as %s: its data directory was "
+                "wiped or replaced, so it must not vote (see docs/operations.md)",
+                peer,
+                identity.hex(),
+                known.hex(),
+            )
+            return known
+        return None
+
+    def _on_hello(self, peer: NodeId, remembered: bytes | None) -> None:
+        """The answer of a peer to our handshake: whether it knew this node under another identity."""
+        if remembered is not None:
+            if self.status != AMNESIAC:
+                log.error(
+                    "node %d knew node %d as identity %s, not %s: this data directory is not the one the "
+                    "cluster voted with, so this node will not vote (see docs/operations.md)",
+                    peer,
+                    self.me,
+                    remembered.hex(),
+                    self._identity_hex(),
+                )
+                self._set_status(AMNESIAC)
+            return
+        self._confirmed.add(peer)
+        others = {p.node_id for p in self.config.peers} - {self.me}
+        if self.status == JOINING and others <= self._confirmed:
+            log.info("every member confirmed this new data directory; voting")
+            self._set_status(VOTING)
+
+    def _identity_hex(self) -> str:
+        assert self._handle is not None
+        return self._handle.identity.hex()
+
+    def _set_status(self, status: int) -> None:
+        assert self._handle is not None
+        try:
+            write_meta(
+                self.config.data_dir, NodeMeta(self.config.node_id, self.incarnation, self._handle.identity, status)
+            )
+        except OSError as exc:
+            log.error("cannot record the acceptor status in node.meta: %s", exc)
+            if status != AMNESIAC:
+                return  # never start voting on a status that is not durable; refusing is always safe
+        self.status = status
+        self._apply_status()
+
+    def _apply_status(self) -> None:
+        assert self.core is not None
+        if self.status == VOTING:
+            self.core.set_voting(None)
+        elif self.status == JOINING:
+            self.core.set_voting("new data directory: not voting until every member has confirmed it")
+        else:
+            self.core.set_voting(
+                "this node's data directory was replaced after it voted: it does not vote (see docs/operations.md)"
+            )
+
+    def status_name(self) -> str:
+        return {VOTING: "voting", JOINING: "joining", AMNESIAC: "amnesiac"}[self.status]
 
     def _load(self, key: bytes) -> AcceptorState:
         assert self._files is not None
@@ -271,6 +366,7 @@ class NodeServer:
         paxos: dict[str, str | int] = {
             "node_id": self.config.node_id,
             "incarnation": self.incarnation,
+            "acceptor": self.status_name(),
             "cluster_size": len(self.config.peers),
             "quorum": len(self.config.peers) // 2 + 1,
             "peers_up": self.peers_up(),

@@ -8,7 +8,8 @@ Layout of a data directory::
 
     data_dir/
         LOCK            held with an exclusive flock while a node process uses the directory
-        node.meta       node id and incarnation (see "node.meta format" below)
+        node.meta       node id, incarnation, identity, status (see "node.meta format" below)
+        peers.meta      identities of the other members (see "peers.meta format" below)
         keys/
             ab/cd/abcd...   one file per key, named by a hash of the key
 
@@ -53,12 +54,19 @@ Writes are crash-safe: a new state is written to a temporary file in the same di
 fsynced before the write counts as done. Readers ignore temporary files; a crash leaves either
 the old or the new file, never a mix.
 
-node.meta format (version 1)
-----------------------------
-25 bytes: magic ``b"RNOD"``, version byte ``1``, node id (signed 64-bit), incarnation
-(signed 64-bit), CRC-32 of the preceding 21 bytes (unsigned 32-bit). Written with the same
-temp-file / fsync / rename / fsync-directory discipline. The incarnation is incremented on
-every start so that ballots of a restarted node never repeat ballots of an earlier life.
+node.meta format (version 2; version 1 is still read)
+------------------------------------------------------
+42 bytes: magic ``b"RNOD"``, version byte ``2``, node id (signed 64-bit), incarnation
+(signed 64-bit), identity (16 random bytes chosen when the directory is created), acceptor
+status (1 byte: voting, joining, amnesiac), CRC-32 of the preceding 38 bytes (unsigned 32-bit).
+Version 1 (25 bytes) lacks identity and status. Written with the same temp-file / fsync /
+rename / fsync-directory discipline. The incarnation is incremented on every start so that
+ballots of a restarted node never repeat ballots of an earlier life.
+
+peers.meta format
+-----------------
+Magic ``b"RPEE"``, version byte ``1``, entry count (u32), then per entry the member id
+(signed 64-bit) and its identity (16 bytes), then a CRC-32 of everything before it.
 """
 
 from __future__ import annotations
@@ -514,38 +522,104 @@ META_NAME = "node.meta"
 LOCK_NAME = "LOCK"
 KEYS_DIR_NAME = "keys"
 
-_META = struct.Struct(">4sBqq")
+_META_V1 = struct.Struct(">4sBqq")
+_META = struct.Struct(">4sBqq16sB")
 _META_MAGIC = b"RNOD"
-_META_VERSION = 1
-_META_SIZE = _META.size + _U32.size
+_META_VERSION = 2
+
+#: Status of a node's acceptor, kept in node.meta (see docs/operations.md).
+VOTING = 0  # a full acceptor
+JOINING = 1  # a new data directory: votes once every other member confirmed it never knew another
+AMNESIAC = 2  # a member remembers another identity for this node id: its state was lost; never votes
 
 
 @dataclass(frozen=True)
 class NodeMeta:
-    """Contents of ``node.meta``: which node owns the directory and how often it started."""
+    """Contents of ``node.meta``: which node owns the directory, how often it started, the random
+    identity the directory was created with, and whether its acceptor may vote."""
 
     node_id: int
     incarnation: int
+    identity: bytes = b""
+    status: int = VOTING
 
     def encode(self) -> bytes:
-        head = _META.pack(_META_MAGIC, _META_VERSION, self.node_id, self.incarnation)
+        head = _META.pack(_META_MAGIC, _META_VERSION, self.node_id, self.incarnation, self.identity, self.status)
         return head + _U32.pack(zlib.crc32(head))
 
     @classmethod
     def decode(cls, data: bytes) -> NodeMeta:
-        """Parse ``node.meta``; raises ValueError with the reason when it is invalid."""
-        if len(data) != _META_SIZE:
-            raise ValueError(f"wrong size ({len(data)} bytes, expected {_META_SIZE})")
-        head = data[: _META.size]
-        (crc,) = _U32.unpack_from(data, _META.size)
-        magic, version, node_id, incarnation = _META.unpack(head)
-        if magic != _META_MAGIC:
-            raise ValueError(f"bad magic {magic!r}")
-        if version != _META_VERSION:
-            raise ValueError(f"unsupported version {version}")
+        """Parse ``node.meta`` (version 2, or version 1 without identity); raises ValueError with the
+        reason when it is invalid."""
+        if len(data) == _META.size + _U32.size:
+            layout, version = _META, 2
+        elif len(data) == _META_V1.size + _U32.size:
+            layout, version = _META_V1, 1
+        else:
+            raise ValueError(f"wrong size ({len(data)} bytes)")
+        head = data[: layout.size]
+        (crc,) = _U32.unpack_from(data, layout.size)
+        fields = layout.unpack(head)
+        if fields[0] != _META_MAGIC:
+            raise ValueError(f"bad magic {fields[0]!r}")
+        if fields[1] != version:
+            raise ValueError(f"unsupported version {fields[1]}")
         if zlib.crc32(head) != crc:
             raise ValueError("checksum mismatch")
-        return cls(node_id=node_id, incarnation=incarnation)
+        if version == 1:
+            return cls(node_id=fields[2], incarnation=fields[3])
+        if fields[5] not in (VOTING, JOINING, AMNESIAC):
+            raise ValueError(f"unknown status {fields[5]}")
+        return cls(node_id=fields[2], incarnation=fields[3], identity=fields[4], status=fields[5])
+
+
+def write_meta(data_dir: Path, meta: NodeMeta) -> None:
+    """Durably replace ``node.meta`` (temp file, fsync, rename, fsync directory)."""
+    _replace_durably(data_dir / META_NAME, meta.encode())
+    _fsync_dir(data_dir)
+
+
+_PEERS_HEAD = struct.Struct(">4sBI")
+_PEER_ENTRY = struct.Struct(">q16s")
+PEERS_NAME = "peers.meta"
+
+
+def load_peer_identities(data_dir: Path) -> dict[int, bytes]:
+    """The identity this node last accepted for each other member (empty if none yet).
+
+    Raises DataDirError if the file exists but is invalid: forgetting these would let a member
+    whose data directory was wiped vote again.
+    """
+    path = data_dir / PEERS_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise DataDirError(f"cannot read {path}: {_reason(exc)}") from exc
+    try:
+        magic, version, count = _PEERS_HEAD.unpack_from(data, 0)
+        size = _PEERS_HEAD.size + count * _PEER_ENTRY.size
+        if magic != b"RPEE" or version != 1 or len(data) != size + _U32.size:
+            raise ValueError("bad header or size")
+        if zlib.crc32(data[:size]) != _U32.unpack_from(data, size)[0]:
+            raise ValueError("checksum mismatch")
+        out: dict[int, bytes] = {}
+        for i in range(count):
+            node, ident = _PEER_ENTRY.unpack_from(data, _PEERS_HEAD.size + i * _PEER_ENTRY.size)
+            out[node] = ident
+        return out
+    except (ValueError, struct.error) as exc:
+        raise DataDirError(f"{path} is corrupt ({exc}); refusing to start with it") from exc
+
+
+def save_peer_identities(data_dir: Path, identities: dict[int, bytes]) -> None:
+    """Durably record the identities of the other members."""
+    body = _PEERS_HEAD.pack(b"RPEE", 1, len(identities)) + b"".join(
+        _PEER_ENTRY.pack(node, ident) for node, ident in sorted(identities.items())
+    )
+    _replace_durably(data_dir / PEERS_NAME, body + _U32.pack(zlib.crc32(body)))
+    _fsync_dir(data_dir)
 
 
 class DataDirLock:
@@ -586,6 +660,8 @@ class NodeInfo:
     data_dir: Path
     keys_dir: Path
     lock: DataDirLock = field(repr=False, compare=False)
+    identity: bytes = b""
+    status: int = VOTING
 
     def close(self) -> None:
         """Release the data directory lock."""
@@ -638,7 +714,9 @@ def open_node(data_dir: Path, node_id: int) -> NodeInfo:
             raise DataDirError(f"cannot read {meta_path}: {_reason(exc)}") from exc
 
         if data is None:
-            meta = NodeMeta(node_id=node_id, incarnation=1)
+            # A new directory: a fresh random identity, and no vote until the other members
+            # confirm they never knew this node id under another identity.
+            meta = NodeMeta(node_id=node_id, incarnation=1, identity=os.urandom(16), status=JOINING)
         else:
             try:
                 old = NodeMeta.decode(data)
@@ -646,7 +724,9 @@ def open_node(data_dir: Path, node_id: int) -> NodeInfo:
                 raise DataDirError(f"{meta_path} is corrupt ({exc}); refusing to start with it") from exc
             if old.node_id != node_id:
                 raise DataDirError(f"data directory {data_dir} belongs to node {old.node_id}, not node {node_id}")
-            meta = NodeMeta(node_id=node_id, incarnation=old.incarnation + 1)
+            # A version-1 directory predates identities: it gets one now and keeps voting.
+            identity = old.identity or os.urandom(16)
+            meta = NodeMeta(node_id=node_id, incarnation=old.incarnation + 1, identity=identity, status=old.status)
 
         try:
             _replace_durably(meta_path, meta.encode())
@@ -664,4 +744,6 @@ def open_node(data_dir: Path, node_id: int) -> NodeInfo:
         data_dir=data_dir,
         keys_dir=data_dir / KEYS_DIR_NAME,
         lock=lock,
+        identity=meta.identity,
+        status=meta.status,
     )

@@ -225,3 +225,52 @@ def test_five_nodes_survive_two_crashes(tmp_path: Path) -> None:
             assert c.client(n).get("five-3") is None
     finally:
         c.close()
+
+
+def test_wiped_data_directory_never_votes_again(slow_cluster: Cluster) -> None:
+    """Without identity checks, a wiped node plus a node that missed a write would answer nil
+    (and accept a second value) for a key the cluster already chose."""
+    import shutil
+
+    c = slow_cluster
+    c.kill(3)
+    assert c.client(1).execute_command("SETONCE", "chosen-by-1-and-2", "first") in (b"OK", True)
+    c.kill(1)
+    shutil.rmtree(c.node(1).data_dir)  # node 1 loses every promise and acceptance
+    c.start(1)
+    c.kill(2)
+    c.start(3)
+    n3 = c.client(3, socket_timeout=DEADLINE_MS / 1000 + 5)
+    deadline = time.monotonic() + 15
+    while c.client(1).info("paxos")["acceptor"] != "amnesiac" and time.monotonic() < deadline:
+        time.sleep(0.05)  # node 1 learns it was replaced from node 3's handshake
+    assert c.client(1).info("paxos")["acceptor"] == "amnesiac"
+    # Nodes 1 (wiped) and 3 (missed the write) are a majority by count, but node 1 must not vote.
+    with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+        n3.get("chosen-by-1-and-2")
+    with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+        n3.execute_command("SETONCE", "chosen-by-1-and-2", "second")
+    assert "will not vote" in c.node(1).log_path.read_text()
+    c.start(2)
+    c.wait_peers()
+    for n in (1, 2, 3):
+        assert c.client(n).get("chosen-by-1-and-2") == b"first"
+    # The wiped node still serves clients as a proposer; the other two form the majority.
+    assert c.client(1).execute_command("SETONCE", "after-wipe", "x") in (b"OK", True)
+    assert c.client(1).info("paxos")["acceptor"] == "amnesiac"
+
+
+def test_new_cluster_votes_only_after_every_member_confirmed(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, deadline_ms=DEADLINE_MS)
+    try:
+        c.start(1, 2)
+        n1 = c.client(1, socket_timeout=DEADLINE_MS / 1000 + 5)
+        assert n1.info("paxos")["acceptor"] == "joining"
+        with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+            n1.execute_command("SETONCE", "early", "x")
+        c.start(3)
+        c.wait_peers()
+        assert {c.client(n).info("paxos")["acceptor"] for n in (1, 2, 3)} == {"voting"}
+        assert n1.execute_command("SETONCE", "early", "y") in (b"OK", True)
+    finally:
+        c.close()

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from respreg.core.types import NO_BALLOT, AcceptorState, Ballot, Proposal
 from respreg.storage import (
+    JOINING,
+    VOTING,
     CorruptStateError,
     DataDirError,
     GroupCommitter,
@@ -24,7 +26,10 @@ from respreg.storage import (
     NodeMeta,
     decode_state,
     encode_state,
+    load_peer_identities,
     open_node,
+    save_peer_identities,
+    write_meta,
 )
 
 I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -393,9 +398,12 @@ def test_group_commit_failing_callback_does_not_block_others(tmp_path: Path, cap
 
 def test_open_node_creates_and_increments_incarnation(tmp_path: Path) -> None:
     data_dir = tmp_path / "a" / "b"
+    identities = set()
     for expected in (1, 2, 3):
         info = open_node(data_dir, 4)
+        identities.add(info.identity)
         try:
+            assert info.status == JOINING  # a new directory does not vote until confirmed
             assert info.incarnation == expected
             assert info.node_id == 4
             assert info.data_dir == data_dir
@@ -403,7 +411,34 @@ def test_open_node_creates_and_increments_incarnation(tmp_path: Path) -> None:
         finally:
             info.close()
     meta = NodeMeta.decode((data_dir / "node.meta").read_bytes())
-    assert meta == NodeMeta(node_id=4, incarnation=3)
+    assert len(identities) == 1 and len(meta.identity) == 16
+    assert meta == NodeMeta(node_id=4, incarnation=3, identity=meta.identity, status=JOINING)
+
+
+def test_node_status_and_peer_identities_persist(tmp_path: Path) -> None:
+    info = open_node(tmp_path, 2)
+    write_meta(tmp_path, NodeMeta(2, info.incarnation, info.identity, VOTING))
+    info.close()
+    again = open_node(tmp_path, 2)
+    assert (again.status, again.identity, again.incarnation) == (VOTING, info.identity, 2)
+    again.close()
+    assert load_peer_identities(tmp_path) == {}
+    save_peer_identities(tmp_path, {1: b"a" * 16, 3: b"b" * 16})
+    assert load_peer_identities(tmp_path) == {1: b"a" * 16, 3: b"b" * 16}
+    path = tmp_path / "peers.meta"
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataDirError, match="corrupt"):
+        load_peer_identities(tmp_path)
+
+
+def test_version_1_node_meta_is_read_and_keeps_voting(tmp_path: Path) -> None:
+    head = struct.pack(">4sBqq", b"RNOD", 1, 5, 7)
+    (tmp_path / "node.meta").write_bytes(head + struct.pack(">I", zlib.crc32(head)))
+    info = open_node(tmp_path, 5)
+    assert (info.incarnation, info.status, len(info.identity)) == (8, VOTING, 16)
+    info.close()
 
 
 def test_open_node_refuses_other_node_id(tmp_path: Path) -> None:

@@ -149,6 +149,8 @@ class NodeCore:
         self._op_reqs: dict[int, list[int]] = {}
         self._outstanding: dict[int, tuple[int, int, NodeId]] = {}  # req_id -> (op, seq, to)
         self._next_req = 1
+        #: None while this node's acceptor votes; otherwise why it refuses to (see set_voting).
+        self.not_voting: str | None = None
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -288,6 +290,9 @@ class NodeCore:
             self.stats["learn_received"] += 1
             self._learn(msg.key, msg.proposal)
             return []
+        if self.not_voting is not None:
+            self.stats["refused_sent"] += 1
+            return self._respond(sender, req_id, Refused(self.not_voting))
         try:
             slot = self._slot(msg.key)
         except Exception as exc:  # noqa: BLE001 - any load failure means: do not vote on this key
@@ -386,6 +391,12 @@ class NodeCore:
         ):
             k, p = self._chosen.popitem(last=False)
             self._chosen_bytes -= len(k) + len(p.value) + len(p.pid)
+
+    def set_voting(self, reason_not: str | None) -> None:
+        """Let this node's acceptor vote (None), or make it refuse every prepare, accept and read
+        with the given reason: a node whose durable state may be lost must not vote, and must not
+        report "nothing accepted" for a key it may have forgotten."""
+        self.not_voting = reason_not
 
     # ---- introspection -----------------------------------------------------------------------
 
