@@ -164,6 +164,34 @@ def decode_reply(r: list[object]) -> tuple[int, Reply]:
     raise ValueError(f"unknown peer reply kind {kind!r}")
 
 
+class _Batcher:
+    """Collects what one event-loop iteration sends on a link and writes it in one syscall."""
+
+    __slots__ = ("_out", "_scheduled", "transport")
+
+    def __init__(self) -> None:
+        self._out: list[bytes] = []
+        self._scheduled = False
+        self.transport: asyncio.Transport | None = None
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._out and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def detach(self) -> None:
+        """The link is gone: drop what was not written yet."""
+        self.transport = None
+        self._out.clear()
+
+
 # ---- inbound links ---------------------------------------------------------------------------
 
 
@@ -191,15 +219,15 @@ class PeerServerProtocol(asyncio.Protocol):
         self._parser = RequestParser(max_bulk=max_bulk, max_args=16)
         self._transport: asyncio.Transport | None = None
         self._peer: NodeId | None = None
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
+        self._batch = _Batcher()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        self._transport = self._batch.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._batch.detach()
 
     def pause_writing(self) -> None:
         if self._transport is not None:
@@ -211,6 +239,8 @@ class PeerServerProtocol(asyncio.Protocol):
 
     def _reject(self, text: str) -> None:
         assert self._transport is not None
+        self._batch.flush()  # replies queued before the offending request go first
+        self._batch.detach()
         self._transport.write(error(text))
         self._transport.close()
         self.closed = True
@@ -279,16 +309,7 @@ class PeerServerProtocol(asyncio.Protocol):
             self._send(encode_reply(req_id, reply))
 
     def _send(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self._transport is not None and not self.closed:
-            self._transport.write(b"".join(self._out))
-        self._out.clear()
+        self._batch.write(data)
 
 
 # ---- outbound links --------------------------------------------------------------------------
@@ -330,8 +351,7 @@ class PeerLink(asyncio.Protocol):
         self._pending: set[int] = set()  # request ids sent and not yet answered
         self._waiting_pong = 0
         self._last_rx = 0.0
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
+        self._batch = _Batcher()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connects = 0
@@ -406,7 +426,7 @@ class PeerLink(asyncio.Protocol):
         self.up = False
         self._transport = None
         self._waiting_pong = 0
-        self._out.clear()
+        self._batch.detach()
         pending, self._pending = self._pending, set()
         for req_id in pending:
             self._on_reply(req_id, Unreachable())
@@ -414,7 +434,7 @@ class PeerLink(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        self._transport = self._batch.transport = cast(asyncio.Transport, transport)
         self.connects += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -481,13 +501,4 @@ class PeerLink(asyncio.Protocol):
         return True
 
     def _write(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self._transport is not None:
-            self._transport.write(b"".join(self._out))
-        self._out.clear()
+        self._batch.write(data)
