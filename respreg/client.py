@@ -77,7 +77,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        if len(self.srv.clients) >= self.srv.config.maxclients:
+        if len(self.srv.clients) >= self.srv.maxclients:
             self.srv.stats["rejected_connections"] += 1
             transport.write(b"-ERR max number of clients reached\r\n")
             transport.close()
@@ -652,7 +652,7 @@ def config_values(c: ClientProtocol) -> dict[str, str]:
         "port": str(cfg.port),
         "bind": cfg.bind,
         "dir": str(cfg.data_dir),
-        "maxclients": str(cfg.maxclients),
+        "maxclients": str(c.srv.maxclients),
         "proto-max-bulk-len": str(cfg.proto_max_bulk_len),
         "databases": "1",
         "save": "",
@@ -708,7 +708,7 @@ def info_text(c: ClientProtocol, sections: list[str]) -> str:
         },
         "clients": {
             "connected_clients": len(srv.clients),
-            "maxclients": cfg.maxclients,
+            "maxclients": srv.maxclients,
         },
         "stats": dict(srv.stats),
     }

@@ -79,15 +79,34 @@ def encode_request(req_id: int, msg: Request) -> bytes:
     return _cmd(b"PX", b"0", b"L", msg.key, msg.proposal.pid, msg.proposal.value)
 
 
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _i64(text: bytes) -> int:
+    value = int(text)
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise ValueError("number out of range")
+    return value
+
+
+def _ballot(args: list[bytes]) -> Ballot:
+    return Ballot(_i64(args[0]), _i64(args[1]), _i64(args[2]))
+
+
 def decode_request(args: list[bytes]) -> tuple[int, Request]:
-    """Parse ``PX ...`` arguments (without the ``PX``); raises ValueError on anything malformed."""
-    req_id = int(args[0])
+    """Parse ``PX ...`` arguments (without the ``PX``); raises ValueError on anything malformed.
+
+    Numbers must fit the signed 64-bit fields of the state files; only a learn has request id 0.
+    """
+    req_id = _i64(args[0])
     kind = args[1]
     key = args[2]
+    if (req_id == 0) != (kind == b"L") or req_id < 0:
+        raise ValueError("bad request id")
     if kind == b"P" and len(args) == 6:
-        return req_id, Prepare(key, Ballot(int(args[3]), int(args[4]), int(args[5])))
+        return req_id, Prepare(key, _ballot(args[3:6]))
     if kind == b"A" and len(args) == 8:
-        return req_id, Accept(key, Ballot(int(args[3]), int(args[4]), int(args[5])), Proposal(args[6], args[7]))
+        return req_id, Accept(key, _ballot(args[3:6]), Proposal(args[6], args[7]))
     if kind == b"R" and len(args) == 3:
         return req_id, Read(key)
     if kind == b"L" and len(args) == 5:
@@ -210,13 +229,20 @@ class PeerServerProtocol(asyncio.Protocol):
         on_request: Callable[[NodeId, int, Request, PeerServerProtocol], None],
         max_bulk: int,
         check_identity: Callable[[NodeId, bytes], bytes | None],
+        connections: set[PeerServerProtocol],
+        max_connections: int,
     ) -> None:
         self._me = me
+        self._connections = connections
+        self._max_connections = max_connections
         self._members = members
         self._secret = secret.encode()
         self._on_request = on_request
         self._check_identity = check_identity
-        self._parser = RequestParser(max_bulk=max_bulk, max_args=16)
+        # Until the handshake, only a short PEER.HELLO is acceptable: a stranger cannot make this
+        # node buffer large arguments.
+        self._parser = RequestParser(max_bulk=1024, max_args=16)
+        self._max_bulk = max_bulk
         self._transport: asyncio.Transport | None = None
         self._peer: NodeId | None = None
         self._batch = _Batcher()
@@ -224,10 +250,15 @@ class PeerServerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = self._batch.transport = cast(asyncio.Transport, transport)
+        if len(self._connections) >= self._max_connections:
+            self._reject("ERR max number of peer connections reached")
+            return
+        self._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._batch.detach()
+        self._connections.discard(self)
 
     def pause_writing(self) -> None:
         if self._transport is not None:
@@ -283,6 +314,8 @@ class PeerServerProtocol(asyncio.Protocol):
                         self._reject("ERR this node cannot record peer identities now (disk error)")
                         return
                     self._peer = NodeId(sender)
+                    self._parser.max_bulk = self._max_bulk
+                    self._parser.max_args = 16
                     self._send(
                         b"+OK\r\n" if remembered is None else b"+REMEMBERS " + remembered.hex().encode() + b"\r\n"
                     )

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import random
+import resource
 import struct
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .storage import (
     AMNESIAC,
     JOINING,
     VOTING,
+    DurabilityError,
     GroupCommitter,
     KeyFiles,
     NodeInfo,
@@ -87,13 +89,43 @@ class NodeServer:
         self.status = VOTING
         self._peer_identities: dict[int, bytes] = {}
         self._confirmed: set[int] = set()
+        self._disk_failed: str | None = None
+        self._peer_conns: set[PeerServerProtocol] = set()
+        self.maxclients = config.maxclients
 
     # ---- lifecycle ---------------------------------------------------------------------------
+
+    def _fit_maxclients(self) -> None:
+        """Like redis-server: raise the open-file limit for maxclients if allowed, otherwise lower
+        maxclients so that client sockets can never starve the files and links a node needs."""
+        cfg = self.config
+        n = len(cfg.peers)
+        reserve = 32 + (8 * n + 16) + n + 2 * cfg.fsync_threads
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = cfg.maxclients + reserve
+        if soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                pass
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.maxclients = max(1, min(cfg.maxclients, soft - reserve))
+        if self.maxclients < cfg.maxclients:
+            log.warning(
+                "maxclients lowered from %d to %d: the open-file limit is %d and %d descriptors are kept for "
+                "the node's own files and links",
+                cfg.maxclients,
+                self.maxclients,
+                soft,
+                reserve,
+            )
 
     async def start(self) -> None:
         """Open the data directory, bind both ports and dial the peers. Raises on failure."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        self._fit_maxclients()
         self._handle = open_node(cfg.data_dir, cfg.node_id)
         self.incarnation = self._handle.incarnation
         self.status = self._handle.status
@@ -127,6 +159,9 @@ class NodeServer:
                         self._on_peer_request,
                         cfg.proto_max_bulk_len,
                         self._check_identity,
+                        self._peer_conns,
+                        # Peers need one link each (two while one reconnects); the rest is slack.
+                        8 * len(cfg.peers) + 16,
                     ),
                     cfg.bind,
                     cfg.peer_port,
@@ -239,7 +274,9 @@ class NodeServer:
 
     def _apply_status(self) -> None:
         assert self.core is not None
-        if self.status == VOTING:
+        if self._disk_failed is not None:
+            self.core.set_voting(self._disk_failed)
+        elif self.status == VOTING:
             self.core.set_voting(None)
         elif self.status == JOINING:
             self.core.set_voting("new data directory: not voting until every member has confirmed it")
@@ -249,6 +286,8 @@ class NodeServer:
             )
 
     def status_name(self) -> str:
+        if self._disk_failed is not None:
+            return "disk-failed"
         return {VOTING: "voting", JOINING: "joining", AMNESIAC: "amnesiac"}[self.status]
 
     def _load(self, key: bytes) -> AcceptorState:
@@ -318,6 +357,15 @@ class NodeServer:
 
     def _persisted(self, key: bytes, version: int, error: BaseException | None) -> None:
         assert self.core is not None
+        if isinstance(error, DurabilityError) and self._disk_failed is None:
+            # A state is visible in the file system but may not be on disk: after a failed fsync
+            # the page cache cannot be trusted, so this node stops answering from its storage.
+            self._disk_failed = (
+                f"a write reached the file system but its fsync failed ({error}); this node no longer "
+                "votes: restart it once the disk is healthy"
+            )
+            log.error("%s", self._disk_failed)
+            self._apply_status()
         self._apply(self.core.on_persisted(key, version, error))
 
     def _timer(self, op_id: int, token: int) -> None:

@@ -258,11 +258,19 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
 
 
-def _replace_durably(final: Path, data: bytes) -> None:
-    """Write ``data`` to a fresh temp file next to ``final``, fsync it, rename it onto ``final``.
+class DurabilityError(OSError):
+    """A write became visible (renamed into place) but fsyncing it or its directory failed.
 
-    Does not fsync the directory (callers batch that). On failure the temp file is removed when
-    possible and the error is re-raised.
+    What a later read returns may then exist only in the page cache, which after a failed fsync
+    can no longer be trusted: the node must stop answering from its storage (see docs/design.md).
+    A plain OSError from :meth:`KeyFiles.write_many` means nothing visible changed.
+    """
+
+
+def _write_temp(final: Path, data: bytes) -> Path:
+    """Write ``data`` to a fresh temp file next to ``final`` and fsync it; return its path.
+
+    On failure the temp file is removed when possible and the error is re-raised.
     """
     tmp = _temp_name(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -275,12 +283,27 @@ def _replace_durably(final: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _replace_durably(final: Path, data: bytes) -> None:
+    """Write ``data`` to a fsynced temp file and rename it onto ``final`` (the caller fsyncs the
+    directory)."""
+    tmp = _write_temp(final, data)
+    try:
         os.replace(tmp, final)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
 
 
@@ -344,8 +367,10 @@ class KeyFiles:
     def write_many(self, items: Sequence[tuple[bytes, AcceptorState]]) -> None:
         """Durably store every (key, state); all of them are on disk when this returns.
 
-        If one key appears several times, the last state wins. On error some files may already
-        hold their new state; the call as a whole must be treated as failed.
+        If one key appears several times, the last state wins. Three steps: every new state goes
+        to a fsynced temp file; then all are renamed into place; then each directory is fsynced.
+        A failure in the first step leaves every visible file as it was and raises OSError; a
+        failure after a rename raises :class:`DurabilityError`.
         """
         latest: dict[bytes, AcceptorState] = {}
         for key, state in items:
@@ -355,8 +380,31 @@ class KeyFiles:
         jobs = [(self.path_for(key), encode_state(key, state)) for key, state in latest.items()]
         leaves = list(dict.fromkeys(path.parent for path, _ in jobs))
         self._ensure_dirs(leaves)
-        self._run_all(lambda job: _replace_durably(job[0], job[1]), jobs)
-        self._run_all(_fsync_dir, leaves)
+        temps: dict[Path, Path] = {}
+
+        def write(job: tuple[Path, bytes]) -> None:
+            temps[job[0]] = _write_temp(job[0], job[1])
+
+        try:
+            self._run_all(write, jobs)
+        except BaseException:
+            for tmp in temps.values():
+                _unlink_quietly(tmp)
+            raise
+        pending = list(temps.items())
+        for i, (final, tmp) in enumerate(pending):
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                for _, left in pending[i:]:
+                    _unlink_quietly(left)
+                if i == 0:
+                    raise  # nothing visible changed
+                raise DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}") from exc
+        try:
+            self._run_all(_fsync_dir, leaves)
+        except OSError as exc:
+            raise DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}") from exc
 
     def close(self) -> None:
         """Stop the worker threads (waits for running writes)."""

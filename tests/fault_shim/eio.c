@@ -1,0 +1,76 @@
+/*
+ * LD_PRELOAD shim for the disk-fault tests: makes fsync(2) and fdatasync(2) fail with EIO.
+ *
+ * A call fails only when all of these hold:
+ *   - the file named by RESPREG_FAIL_FSYNC_TRIGGER exists (so a process can start normally and
+ *     the test "breaks the disk" later by creating that file, and repairs it by removing it);
+ *   - the descriptor's path (readlink of /proc/self/fd/N) contains RESPREG_FAIL_FSYNC_PATH;
+ *   - RESPREG_FAIL_FSYNC_DIRS_ONLY is unset or "0", or the descriptor is a directory.
+ * Every other call goes to the real function. Nothing is written anywhere by the shim.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef int (*sync_fn)(int);
+
+static int should_fail(int fd)
+{
+    const char *trigger = getenv("RESPREG_FAIL_FSYNC_TRIGGER");
+    const char *needle = getenv("RESPREG_FAIL_FSYNC_PATH");
+    const char *dirs_only = getenv("RESPREG_FAIL_FSYNC_DIRS_ONLY");
+    char link[64];
+    char target[4096];
+    ssize_t n;
+    struct stat st;
+
+    if (trigger == NULL || needle == NULL || needle[0] == '\0')
+        return 0;
+    if (access(trigger, F_OK) != 0)
+        return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, target, sizeof target - 1);
+    if (n < 0)
+        return 0;
+    target[n] = '\0';
+    if (strstr(target, needle) == NULL)
+        return 0;
+    if (dirs_only != NULL && strcmp(dirs_only, "0") != 0) {
+        if (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode))
+            return 0;
+    }
+    return 1;
+}
+
+static int call_real(const char *name, int fd)
+{
+    sync_fn real = (sync_fn)dlsym(RTLD_NEXT, name);
+    if (real == NULL) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(fd);
+}
+
+int fsync(int fd)
+{
+    if (should_fail(fd)) {
+        errno = EIO;
+        return -1;
+    }
+    return call_real("fsync", fd);
+}
+
+int fdatasync(int fd)
+{
+    if (should_fail(fd)) {
+        errno = EIO;
+        return -1;
+    }
+    return call_real("fdatasync", fd);
+}
