@@ -7,9 +7,12 @@ with the request id, so a reply waiting for an fsync never holds up others.
 
 Wire format (every field a bulk string on the request side)::
 
-    PEER.HELLO <secret> <from> <to> <identity-hex> -> +OK, or +REMEMBERS <identity-hex> when the
-                                                      receiver knew node <from> under another
-                                                      identity; an error closes the link
+    PEER.HELLO <from> <to> <identity-hex> <nonce-hex>   -> +CHALLENGE <nonce-hex> <server-mac-hex>
+    PEER.AUTH <client-mac-hex>                          -> +OK, or +REMEMBERS <identity-hex> when the
+                                                           receiver knew node <from> under another
+                                                           identity; an error closes the link
+    (both sides prove they know the cluster secret with HMAC-SHA256 over both nonces; the secret
+    itself never crosses the wire)
     PING                                           -> +PONG (heartbeat)
     PX <req> P <key> <round> <node> <inc>          prepare
     PX <req> A <key> <round> <node> <inc> <pid> <value>   accept
@@ -26,8 +29,10 @@ Wire format (every field a bulk string on the request side)::
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from typing import cast
 
@@ -58,6 +63,11 @@ _NOT_ENOUGH = object()
 
 
 # ---- codec -----------------------------------------------------------------------------------
+
+
+def handshake_mac(secret: bytes, role: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 of the handshake fields; role b"S" for the answering node, b"C" for the dialer."""
+    return hmac.new(secret, b"|".join((role, *parts)), hashlib.sha256).digest()
 
 
 def _cmd(*parts: bytes) -> bytes:
@@ -245,6 +255,7 @@ class PeerServerProtocol(asyncio.Protocol):
         self._max_bulk = max_bulk
         self._transport: asyncio.Transport | None = None
         self._peer: NodeId | None = None
+        self._hello: tuple[NodeId, bytes, bytes, bytes] | None = None  # sender, identity, nonces
         self._batch = _Batcher()
         self.closed = False
 
@@ -293,32 +304,44 @@ class PeerServerProtocol(asyncio.Protocol):
     def _command(self, args: list[bytes]) -> None:
         name = args[0].upper()
         if self._peer is None:
-            if name == b"PEER.HELLO" and len(args) == 5:
+            if name == b"PEER.HELLO" and len(args) == 5 and self._hello is None:
                 try:
-                    sender, target = int(args[2]), int(args[3])
-                    identity = bytes.fromhex(args[4].decode("ascii"))
+                    sender, target = int(args[1]), int(args[2])
+                    identity = bytes.fromhex(args[3].decode("ascii"))
+                    nonce = bytes.fromhex(args[4].decode("ascii"))
                 except (ValueError, UnicodeDecodeError):
                     sender = target = -1
-                    identity = b""
-                if not hmac.compare_digest(args[1], self._secret):
-                    self._reject("NOAUTH peer authentication failed: wrong cluster secret")
-                elif sender not in self._members or target != self._me or sender == self._me or not identity:
+                    identity = nonce = b""
+                if sender not in self._members or target != self._me or sender == self._me or not identity:
                     self._reject(
-                        f"ERR peer handshake names {args[2]!r} -> {args[3]!r}, not a member link to node {self._me}"
+                        f"ERR peer handshake names {args[1]!r} -> {args[2]!r}, not a member link to node {self._me}"
                     )
+                elif len(nonce) != 16:
+                    self._reject("ERR peer handshake needs a 16-byte nonce")
                 else:
-                    try:
-                        remembered = self._check_identity(NodeId(sender), identity)
-                    except OSError as exc:
-                        log.error("cannot record the identity of node %d: %s", sender, exc)
-                        self._reject("ERR this node cannot record peer identities now (disk error)")
-                        return
-                    self._peer = NodeId(sender)
-                    self._parser.max_bulk = self._max_bulk
-                    self._parser.max_args = 16
-                    self._send(
-                        b"+OK\r\n" if remembered is None else b"+REMEMBERS " + remembered.hex().encode() + b"\r\n"
-                    )
+                    mine = os.urandom(16)
+                    self._hello = (NodeId(sender), identity, nonce, mine)
+                    proof = handshake_mac(self._secret, b"S", args[1], args[2], nonce, mine)
+                    self._send(b"+CHALLENGE %s %s\r\n" % (mine.hex().encode(), proof.hex().encode()))
+                return
+            if name == b"PEER.AUTH" and len(args) == 2 and self._hello is not None:
+                sender, identity, nonce, mine = self._hello
+                expected = handshake_mac(
+                    self._secret, b"C", b"%d" % sender, b"%d" % self._me, identity, nonce, mine
+                ).hex()
+                if not hmac.compare_digest(args[1], expected.encode()):
+                    self._reject("NOAUTH peer authentication failed: wrong cluster secret")
+                    return
+                try:
+                    remembered = self._check_identity(sender, identity)
+                except OSError as exc:
+                    log.error("cannot record the identity of node %d: %s", sender, exc)
+                    self._reject("ERR this node cannot record peer identities now (disk error)")
+                    return
+                self._peer = sender
+                self._parser.max_bulk = self._max_bulk
+                self._parser.max_args = 16
+                self._send(b"+OK\r\n" if remembered is None else b"+REMEMBERS " + remembered.hex().encode() + b"\r\n")
                 return
             if name == b"PING":
                 self._send(b"+PONG\r\n")
@@ -377,6 +400,8 @@ class PeerLink(asyncio.Protocol):
         self._on_reply = on_reply
         self._identity = identity
         self._on_hello = on_hello
+        self._nonce = b""
+        self._authed = False
         self.timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
@@ -419,8 +444,16 @@ class PeerLink(asyncio.Protocol):
                     timeout=self.timeout_s,
                 )
                 assert self._transport is not None
+                self._nonce = os.urandom(16)
+                self._authed = False
                 self._transport.write(
-                    _cmd(b"PEER.HELLO", self._secret, b"%d" % self.me, b"%d" % self.peer, self._identity.hex().encode())
+                    _cmd(
+                        b"PEER.HELLO",
+                        b"%d" % self.me,
+                        b"%d" % self.peer,
+                        self._identity.hex().encode(),
+                        self._nonce.hex().encode(),
+                    )
                 )
                 self._last_rx = loop.time()
                 # Up once the handshake is answered (a paused peer accepts TCP but never answers).
@@ -488,7 +521,11 @@ class PeerLink(asyncio.Protocol):
             if isinstance(r, hiredis.ReplyError):
                 self._fail(f"peer refused the link: {r}")
                 return
-            if not self.up and isinstance(r, bytes) and (r == b"OK" or r.startswith(b"REMEMBERS ")):
+            if not self.up and not self._authed and isinstance(r, bytes) and r.startswith(b"CHALLENGE "):
+                if not self._answer_challenge(r):
+                    return
+                continue
+            if not self.up and self._authed and isinstance(r, bytes) and (r == b"OK" or r.startswith(b"REMEMBERS ")):
                 self.up = True
                 self.ups += 1
                 try:
@@ -510,6 +547,24 @@ class PeerLink(asyncio.Protocol):
             if req_id in self._pending:
                 self._pending.discard(req_id)
                 self._on_reply(req_id, reply)
+
+    def _answer_challenge(self, reply: bytes) -> bool:
+        """Check that the peer knows the secret, then prove that this node does too."""
+        try:
+            _, theirs, proof = reply.split(b" ")
+            nonce = bytes.fromhex(theirs.decode("ascii"))
+        except ValueError:
+            self._fail("malformed handshake challenge")
+            return False
+        me, peer = b"%d" % self.me, b"%d" % self.peer
+        expected = handshake_mac(self._secret, b"S", me, peer, self._nonce, nonce).hex().encode()
+        if not hmac.compare_digest(proof, expected):
+            self._fail(f"the node at {self.host}:{self.port} does not know the cluster secret; not trusting it")
+            return False
+        answer = handshake_mac(self._secret, b"C", me, peer, self._identity, self._nonce, nonce)
+        self._authed = True
+        self._write(_cmd(b"PEER.AUTH", answer.hex().encode()))
+        return True
 
     def _fail(self, reason: str) -> None:
         log.warning("peer %s: %s", self.peer, reason)
