@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -43,7 +43,6 @@ class ServerConfig:
     chosen_cache_keys: int = 1_000_000
     chosen_cache_bytes: int = 256 * 1024 * 1024
     fsync_threads: int = 8
-    extra: dict[str, str] = field(default_factory=dict)
 
     def peer(self, node_id: int) -> PeerAddress:
         for p in self.peers:
