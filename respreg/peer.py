@@ -221,6 +221,18 @@ class _Batcher:
         self._out.clear()
 
 
+def _canonical_id(text: bytes) -> int:
+    """A node id written the one canonical way (digits, no sign or leading zero), else -1."""
+    return int(text) if text.isdigit() and text == b"%d" % int(text) else -1
+
+
+def _hex_or_empty(text: bytes) -> bytes:
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return b""
+
+
 # ---- inbound links ---------------------------------------------------------------------------
 
 
@@ -305,13 +317,10 @@ class PeerServerProtocol(asyncio.Protocol):
         name = args[0].upper()
         if self._peer is None:
             if name == b"PEER.HELLO" and len(args) == 5 and self._hello is None:
-                try:
-                    sender, target = int(args[1]), int(args[2])
-                    identity = bytes.fromhex(args[3].decode("ascii"))
-                    nonce = bytes.fromhex(args[4].decode("ascii"))
-                except (ValueError, UnicodeDecodeError):
-                    sender = target = -1
-                    identity = nonce = b""
+                sender = _canonical_id(args[1])
+                target = _canonical_id(args[2])
+                identity = _hex_or_empty(args[3])
+                nonce = _hex_or_empty(args[4])
                 if sender not in self._members or target != self._me or sender == self._me or not identity:
                     self._reject(
                         f"ERR peer handshake names {args[1]!r} -> {args[2]!r}, not a member link to node {self._me}"

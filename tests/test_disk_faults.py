@@ -29,6 +29,7 @@ import hiredis
 import pytest
 import redis
 
+from respreg.peer import handshake_mac
 from respreg.storage import META_NAME, NodeMeta
 
 from .cluster import HOST, Cluster, Node
@@ -120,15 +121,6 @@ def multibulk(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
-def peer_login(c: Cluster, sender: int, target: int) -> bytes:
-    """The handshake node ``sender`` opens a link to node ``target`` with (identity included when
-    its node.meta carries one)."""
-    meta = NodeMeta.decode((c.node(sender).data_dir / META_NAME).read_bytes())
-    identity: bytes = getattr(meta, "identity", b"")
-    extra = (identity.hex().encode(),) if identity else ()
-    return multibulk(b"PEER.HELLO", c.secret.encode(), b"%d" % sender, b"%d" % target, *extra)
-
-
 class PeerConn:
     """A raw connection to a node's peer port, reading RESP replies with a time bound."""
 
@@ -149,6 +141,23 @@ class PeerConn:
             chunk = self.sock.recv(65536)
             assert chunk, "the peer port closed the connection"
             self.reader.feed(chunk)
+
+    def login(self, c: Cluster, sender: int, target: int) -> object:
+        """The full peer handshake as node ``sender`` (with its identity from node.meta) opening
+        a link to node ``target``: PEER.HELLO, the node's +CHALLENGE (its proof is checked), then
+        PEER.AUTH. Returns the node's answer to PEER.AUTH."""
+        secret = c.secret.encode()
+        identity = NodeMeta.decode((c.node(sender).data_dir / META_NAME).read_bytes()).identity
+        assert len(identity) == 16
+        me, peer, nonce = b"%d" % sender, b"%d" % target, os.urandom(16)
+        reply = self.ask(multibulk(b"PEER.HELLO", me, peer, identity.hex().encode(), nonce.hex().encode()))
+        assert isinstance(reply, bytes) and reply.startswith(b"CHALLENGE "), reply
+        _, theirs, proof = reply.split(b" ")
+        server_nonce = bytes.fromhex(theirs.decode("ascii"))
+        assert len(server_nonce) == 16, reply
+        assert proof == handshake_mac(secret, b"S", me, peer, nonce, server_nonce).hex().encode(), reply
+        mac = handshake_mac(secret, b"C", me, peer, identity, nonce, server_nonce)
+        return self.ask(multibulk(b"PEER.AUTH", mac.hex().encode()))
 
     def close(self) -> None:
         self.sock.close()
@@ -289,7 +298,7 @@ def test_state_whose_directory_fsync_failed_is_not_reported(shim: Path, tmp_path
         c.wait_peers()
         key = b"dirsync:" + uuid.uuid4().hex.encode()
         conn = PeerConn(c.node(3).peer_port)
-        assert conn.ask(peer_login(c, 1, 3)) == b"OK"  # as node 1, a proposer
+        assert conn.login(c, 1, 3) == b"OK"  # as node 1, a proposer
         # While the disk works: a promise, so the key's directories exist and are durable.
         promise = conn.ask(multibulk(b"PX", b"1", b"P", key, b"1", b"1", b"1"))
         assert isinstance(promise, list) and promise[:2] == [1, b"P"], promise

@@ -3,13 +3,15 @@ connections, and huge declared lengths.
 
 Each test ends by checking that the node it attacked is still the node it was: the process is
 alive, answers PING, writes and reads through it still work, and (for the peer port) its real
-peer links never went down. The test marked xfail(strict) shows a known gap; its reason says
-where. Every loop is bounded in count and in time; every process is started by
-:class:`tests.cluster.Cluster` and ended by its PID.
+peer links never went down. The peer handshake is a challenge-response (PEER.HELLO, +CHALLENGE,
+PEER.AUTH, +OK; see respreg/peer.py): tests that need it completed do it interactively, checking
+the node's proof, before sending their payload. Every loop is bounded in count and in time; every
+process is started by :class:`tests.cluster.Cluster` and ended by its PID.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -22,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import hiredis
 import pytest
@@ -29,6 +32,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from respreg.peer import handshake_mac
 from respreg.storage import META_NAME, NodeMeta
 
 from .cluster import HOST, Cluster, Node
@@ -42,6 +46,7 @@ PROTO_MBULK = b"-ERR Protocol error: invalid multibulk length\r\n"
 NESTED = b"-ERR Protocol error: expected '$', got '*'\r\n"
 NOT_A_PEER = b"-NOAUTH this is a respreg peer port: clients belong on the client port\r\n"
 WRONG_SECRET = b"-NOAUTH peer authentication failed: wrong cluster secret\r\n"
+SHORT_NONCE = b"-ERR peer handshake needs a 16-byte nonce\r\n"
 MALFORMED_PX = b"-ERR Protocol error: malformed peer request\r\n"
 UNKNOWN_PEER_CMD = b"-ERR Protocol error: unknown peer command\r\n"
 MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
@@ -96,16 +101,37 @@ def send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
+def read_line(sock: socket.socket, limit_s: float = IO_LIMIT_S) -> bytes:
+    """One reply line, read a byte at a time so that nothing after it is consumed."""
+    buf = bytearray()
+    deadline = time.monotonic() + limit_s
+    while not buf.endswith(b"\r\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or len(buf) > 4096:
+            raise AssertionError(f"no reply line after {limit_s}s: {bytes(buf[-200:])!r}")
+        sock.settimeout(left)
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError(f"connection closed after {bytes(buf)!r}")
+        buf += chunk
+    return bytes(buf)
+
+
+def finish(sock: socket.socket, data: bytes, close_write: bool = False) -> bytes:
+    """Send ``data`` on ``sock`` and return everything received until the server closes."""
+    send_quietly(sock, data)
+    if close_write:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    return read_to_eof(sock)
+
+
 def converse(port: int, data: bytes, close_write: bool = False) -> bytes:
     """Send ``data`` on a new connection and return everything received until the server closes."""
     with socket.create_connection((HOST, port), timeout=IO_LIMIT_S) as s:
-        send_quietly(s, data)
-        if close_write:
-            try:
-                s.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        return read_to_eof(s)
+        return finish(s, data, close_write)
 
 
 def raw_ping(port: int) -> bool:
@@ -227,31 +253,108 @@ def links(shared: Cluster) -> Iterator[dict[tuple[int, int], str]]:
     assert_links_unchanged(shared, before)
 
 
-# ---- peer port: non-peers are refused and disconnected -----------------------------------------
+# ---- peer port: the handshake ------------------------------------------------------------------
+
+CHALLENGE_LINE = re.compile(rb"\+CHALLENGE ([0-9a-f]{32}) ([0-9a-f]{64})\r\n")
 
 
-@dataclass(frozen=True)
-class Hs:
-    """What a handshake needs: the cluster secret, and the fields after ``<from> <to>`` that the
-    sender's data directory calls for (its identity, when node.meta carries one)."""
+@dataclass
+class Dialer:
+    """One side of a peer handshake: node ``sender`` opening a link to node ``target``.
+
+    Holds the cluster secret, the sender's identity (from its node.meta), this attempt's nonce,
+    and, once the node answered PEER.HELLO, the node's nonce."""
 
     secret: bytes
-    extra: tuple[bytes, ...]
+    identity: bytes
+    sender: bytes
+    target: bytes
+    nonce: bytes = field(default_factory=lambda: os.urandom(16))
+    server_nonce: bytes = b""
 
-    def hello(self, sender: bytes, target: bytes, secret: bytes | None = None, more: tuple[bytes, ...] = ()) -> bytes:
-        secret = self.secret if secret is None else secret
-        return multibulk(b"PEER.HELLO", secret, sender, target, *self.extra, *more)
+    def hello(
+        self,
+        sender: bytes | None = None,
+        target: bytes | None = None,
+        *,
+        identity: bytes | None = None,
+        nonce: bytes | None = None,
+        more: tuple[bytes, ...] = (),
+    ) -> bytes:
+        """``PEER.HELLO <from> <to> <identity-hex> <nonce-hex>``; ``identity`` and ``nonce``
+        override the hex text sent."""
+        return multibulk(
+            b"PEER.HELLO",
+            self.sender if sender is None else sender,
+            self.target if target is None else target,
+            self.identity.hex().encode() if identity is None else identity,
+            self.nonce.hex().encode() if nonce is None else nonce,
+            *more,
+        )
+
+    def inline_hello(self) -> bytes:
+        return b"PEER.HELLO %s %s %s %s\r\n" % (
+            self.sender,
+            self.target,
+            self.identity.hex().encode(),
+            self.nonce.hex().encode(),
+        )
+
+    def take_challenge(self, line: bytes) -> None:
+        """Parse the node's ``+CHALLENGE`` and check its proof that it knows the cluster secret."""
+        m = CHALLENGE_LINE.fullmatch(line)
+        assert m, f"not a challenge: {line!r}"
+        self.server_nonce = bytes.fromhex(m[1].decode("ascii"))
+        want = handshake_mac(self.secret, b"S", self.sender, self.target, self.nonce, self.server_nonce)
+        assert m[2] == want.hex().encode(), "the node's proof of the cluster secret does not check out"
+
+    def proof(
+        self,
+        *,
+        secret: bytes | None = None,
+        role: bytes = b"C",
+        link: tuple[bytes, bytes] | None = None,
+        fields: tuple[bytes, ...] | None = None,
+    ) -> bytes:
+        """The dialer's mac, hex: by default the right one; each keyword replaces one ingredient."""
+        sender, target = (self.sender, self.target) if link is None else link
+        parts = (self.identity, self.nonce, self.server_nonce) if fields is None else fields
+        return handshake_mac(self.secret if secret is None else secret, role, sender, target, *parts).hex().encode()
+
+    def auth(self, mac: bytes | None = None, *, secret: bytes | None = None) -> bytes:
+        """``PEER.AUTH <mac-hex>``: the given mac text, or the proof under ``secret`` (default the right one)."""
+        return multibulk(b"PEER.AUTH", self.proof(secret=secret) if mac is None else mac)
 
 
-def handshake(cluster: Cluster, sender: int) -> Hs:
+def handshake(cluster: Cluster, sender: int, target: int) -> Dialer:
+    """A fresh dialer for node ``sender``'s link to node ``target``, knowing the right secret."""
     meta = NodeMeta.decode((cluster.node(sender).data_dir / META_NAME).read_bytes())
-    identity: bytes = getattr(meta, "identity", b"")
-    return Hs(cluster.secret.encode(), (identity.hex().encode(),) if identity else ())
+    assert len(meta.identity) == 16, meta
+    return Dialer(cluster.secret.encode(), meta.identity, b"%d" % sender, b"%d" % target)
 
 
-def peer_login(cluster: Cluster, sender: int, target: int) -> bytes:
-    """A correct handshake, as node ``sender`` opening a link to node ``target``."""
-    return handshake(cluster, sender).hello(b"%d" % sender, b"%d" % target)
+def challenge(sock: socket.socket, d: Dialer, inline: bool = False) -> None:
+    """Send PEER.HELLO and take the node's challenge (checking its proof)."""
+    sock.sendall(d.inline_hello() if inline else d.hello())
+    d.take_challenge(read_line(sock))
+
+
+def authenticate(sock: socket.socket, d: Dialer) -> None:
+    """The full handshake, interactively: HELLO, CHALLENGE, AUTH, +OK."""
+    challenge(sock, d)
+    sock.sendall(d.auth())
+    assert read_line(sock) == b"+OK\r\n"
+
+
+def peer_session(cluster: Cluster, sender: int, target: int) -> socket.socket:
+    """A connection to node ``target``'s peer port, authenticated as node ``sender``."""
+    sock = socket.create_connection((HOST, cluster.node(target).peer_port), timeout=IO_LIMIT_S)
+    try:
+        authenticate(sock, handshake(cluster, sender, target))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _not_member(sender: bytes, target: bytes) -> bytes:
@@ -261,43 +364,61 @@ def _not_member(sender: bytes, target: bytes) -> bytes:
     )
 
 
+# ---- peer port: non-peers are refused and disconnected -----------------------------------------
+
+Stage = Literal["fresh", "challenged", "authenticated"]
+
+
 @dataclass(frozen=True)
 class PeerCase:
     id: str
-    data: Callable[[Hs], bytes]  # what a would-be peer sends to node 1's peer port
-    reply: bytes  # everything node 1 sends before it closes the connection
-    authenticated: bool = False  # a correct PEER.HELLO (as node 2) is sent first
+    data: Callable[[Dialer], bytes]  # what a would-be peer (as node 2) sends to node 1's peer port
+    reply: bytes  # everything node 1 sends after the handshake steps, until it closes the connection
+    # What happens first on the connection: nothing ("fresh"); a correct PEER.HELLO answered by a
+    # checked +CHALLENGE ("challenged"); or the full handshake ending in +OK ("authenticated").
+    stage: Stage = "fresh"
+    inline: bool = False  # the PEER.HELLO of the "challenged" stage is an inline command
 
 
-def _static(data: bytes) -> Callable[[Hs], bytes]:
-    return lambda _h: data
+def _static(data: bytes) -> Callable[[Dialer], bytes]:
+    return lambda _d: data
+
+
+def _hex(data: bytes) -> bytes:
+    return data.hex().encode()
 
 
 PEER_CASES: list[PeerCase] = [
+    # Before any handshake.
     PeerCase("client-command", _static(b"GET key\r\n"), NOT_A_PEER),
     PeerCase("client-multibulk", _static(multibulk(b"SETONCE", b"k", b"v")), NOT_A_PEER),
     PeerCase("px-without-hello", _static(multibulk(b"PX", b"1", b"R", b"k")), NOT_A_PEER),
+    PeerCase("auth-before-hello", lambda d: d.auth(), NOT_A_PEER),
+    PeerCase("auth-before-hello-then-hello", lambda d: d.auth() + d.hello(), NOT_A_PEER),
     PeerCase("hello-without-arguments", _static(multibulk(b"PEER.HELLO")), NOT_A_PEER),
-    PeerCase("hello-missing-target", lambda h: multibulk(b"PEER.HELLO", h.secret, b"2"), NOT_A_PEER),
-    PeerCase("hello-extra-argument", lambda h: h.hello(b"2", b"1", more=(b"x",)), NOT_A_PEER),
-    PeerCase("wrong-secret", lambda h: h.hello(b"2", b"1", b"not-the-secret"), WRONG_SECRET),
-    PeerCase("empty-secret", lambda h: h.hello(b"2", b"1", b""), WRONG_SECRET),
-    PeerCase("secret-prefix", lambda h: h.hello(b"2", b"1", h.secret[:-1]), WRONG_SECRET),
-    PeerCase("secret-plus-a-byte", lambda h: h.hello(b"2", b"1", h.secret + b"x"), WRONG_SECRET),
-    PeerCase("secret-different-case", lambda h: h.hello(b"2", b"1", h.secret.upper()), WRONG_SECRET),
+    PeerCase("hello-missing-target", _static(multibulk(b"PEER.HELLO", b"2")), NOT_A_PEER),
+    PeerCase("hello-missing-nonce", lambda d: multibulk(b"PEER.HELLO", b"2", b"1", _hex(d.identity)), NOT_A_PEER),
+    PeerCase("hello-extra-argument", lambda d: d.hello(more=(b"x",)), NOT_A_PEER),
     PeerCase(
-        "inline-hello-wrong-secret", lambda h: b" ".join([b"PEER.HELLO nope 2 1", *h.extra]) + b"\r\n", WRONG_SECRET
+        "old-one-step-hello-with-the-secret",
+        lambda d: multibulk(b"PEER.HELLO", d.secret, b"2", b"1", _hex(d.identity)),
+        _not_member(b"test-cluster-secret", b"2"),
     ),
-    PeerCase(
-        "wrong-secret-then-px",
-        lambda h: h.hello(b"2", b"1", b"x") + multibulk(b"PX", b"1", b"R", b"k"),
-        WRONG_SECRET,
-    ),
-    PeerCase("unknown-sender", lambda h: h.hello(b"99", b"1"), _not_member(b"99", b"1")),
-    PeerCase("sender-zero", lambda h: h.hello(b"0", b"1"), _not_member(b"0", b"1")),
-    PeerCase("sender-is-the-node-itself", lambda h: h.hello(b"1", b"1"), _not_member(b"1", b"1")),
-    PeerCase("link-meant-for-another-node", lambda h: h.hello(b"2", b"3"), _not_member(b"2", b"3")),
-    PeerCase("ids-not-numbers", lambda h: h.hello(b"two", b"one"), _not_member(b"two", b"one")),
+    PeerCase("unknown-sender", lambda d: d.hello(b"99", b"1"), _not_member(b"99", b"1")),
+    PeerCase("sender-zero", lambda d: d.hello(b"0", b"1"), _not_member(b"0", b"1")),
+    PeerCase("sender-is-the-node-itself", lambda d: d.hello(b"1", b"1"), _not_member(b"1", b"1")),
+    PeerCase("link-meant-for-another-node", lambda d: d.hello(b"2", b"3"), _not_member(b"2", b"3")),
+    PeerCase("ids-not-numbers", lambda d: d.hello(b"two", b"one"), _not_member(b"two", b"one")),
+    PeerCase("sender-id-leading-zero", lambda d: d.hello(sender=b"02"), _not_member(b"02", b"1")),
+    PeerCase("sender-id-with-space", lambda d: d.hello(sender=b" 2"), _not_member(b" 2", b"1")),
+    PeerCase("identity-empty", lambda d: d.hello(identity=b""), _not_member(b"2", b"1")),
+    PeerCase("identity-not-hex", lambda d: d.hello(identity=b"zz"), _not_member(b"2", b"1")),
+    # (the node blames the ids for a nonce that is not hex: the same error path)
+    PeerCase("nonce-not-hex", lambda d: d.hello(nonce=b"n" * 32), SHORT_NONCE),
+    PeerCase("nonce-empty", lambda d: d.hello(nonce=b""), SHORT_NONCE),
+    PeerCase("nonce-15-bytes", lambda d: d.hello(nonce=_hex(d.nonce[:15])), SHORT_NONCE),
+    PeerCase("nonce-17-bytes", lambda d: d.hello(nonce=_hex(d.nonce + b"x")), SHORT_NONCE),
+    PeerCase("nonce-then-auth-in-one-packet", lambda d: d.hello(nonce=b"00") + d.auth(), SHORT_NONCE),
     PeerCase("huge-bulk-before-hello", _static(b"*5\r\n$10\r\nPEER.HELLO\r\n$100000000\r\n"), PROTO_BULK),
     PeerCase("negative-bulk-length", _static(b"*1\r\n$-7\r\n"), PROTO_BULK),
     PeerCase("too-many-arguments", _static(b"*17\r\n" + b"$1\r\nx\r\n" * 17), PROTO_MBULK),
@@ -315,49 +436,143 @@ PEER_CASES: list[PeerCase] = [
     PeerCase("http-request", _static(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), NOT_A_PEER),
     PeerCase("long-inline-line", _static(b"x" * 70_000), b"-ERR Protocol error: too big inline request\r\n"),
     PeerCase("ping-then-client-command", _static(b"PING\r\nGET k\r\n"), b"+PONG\r\n" + NOT_A_PEER),
-    # With the right secret: anything but a well-formed PX or PING ends the link.
-    PeerCase("px-request-id-not-a-number", _static(multibulk(b"PX", b"abc", b"R", b"k")), MALFORMED_PX, True),
-    PeerCase("px-unknown-kind", _static(multibulk(b"PX", b"1", b"Z", b"k")), MALFORMED_PX, True),
+    # PEER.HELLO answered: only a PEER.AUTH with the right proof (or PING) is acceptable now.
+    PeerCase("wrong-secret", lambda d: d.auth(secret=b"not-the-secret"), WRONG_SECRET, "challenged"),
+    PeerCase("empty-secret", lambda d: d.auth(secret=b""), WRONG_SECRET, "challenged"),
+    PeerCase("secret-prefix", lambda d: d.auth(secret=d.secret[:-1]), WRONG_SECRET, "challenged"),
+    PeerCase("secret-plus-a-byte", lambda d: d.auth(secret=d.secret + b"x"), WRONG_SECRET, "challenged"),
+    PeerCase("secret-different-case", lambda d: d.auth(secret=d.secret.upper()), WRONG_SECRET, "challenged"),
     PeerCase(
-        "px-prepare-missing-ballot-part", _static(multibulk(b"PX", b"1", b"P", b"k", b"1", b"2")), MALFORMED_PX, True
+        "inline-hello-wrong-secret",
+        lambda d: b"PEER.AUTH %s\r\n" % d.proof(secret=b"nope"),
+        WRONG_SECRET,
+        "challenged",
+        inline=True,
+    ),
+    PeerCase(
+        "wrong-secret-then-px",
+        lambda d: d.auth(secret=b"x") + multibulk(b"PX", b"1", b"R", b"k"),
+        WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase(
+        "ping-then-wrong-secret",
+        lambda d: multibulk(b"PING") + d.auth(secret=b"x"),
+        b"+PONG\r\n" + WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase(
+        "proof-for-another-identity",
+        lambda d: d.auth(d.proof(fields=(os.urandom(16), d.nonce, d.server_nonce))),
+        WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase(
+        "proof-without-the-identity",
+        lambda d: d.auth(d.proof(fields=(d.nonce, d.server_nonce))),
+        WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase(
+        "proof-with-swapped-nonces",
+        lambda d: d.auth(d.proof(fields=(d.identity, d.server_nonce, d.nonce))),
+        WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase("proof-for-another-link", lambda d: d.auth(d.proof(link=(b"3", b"1"))), WRONG_SECRET, "challenged"),
+    PeerCase("proof-in-the-nodes-role", lambda d: d.auth(d.proof(role=b"S")), WRONG_SECRET, "challenged"),
+    PeerCase(
+        "the-nodes-own-proof-reflected",
+        lambda d: d.auth(d.proof(role=b"S", fields=(d.nonce, d.server_nonce))),
+        WRONG_SECRET,
+        "challenged",
+    ),
+    PeerCase("proof-truncated", lambda d: d.auth(d.proof()[:-1]), WRONG_SECRET, "challenged"),
+    PeerCase("proof-empty", lambda d: d.auth(b""), WRONG_SECRET, "challenged"),
+    PeerCase("proof-not-hex", lambda d: d.auth(b"z" * 64), WRONG_SECRET, "challenged"),
+    PeerCase("auth-without-proof", _static(multibulk(b"PEER.AUTH")), NOT_A_PEER, "challenged"),
+    PeerCase("auth-extra-argument", lambda d: multibulk(b"PEER.AUTH", d.proof(), b"x"), NOT_A_PEER, "challenged"),
+    PeerCase("second-hello-after-challenge", lambda d: d.hello(), NOT_A_PEER, "challenged"),
+    PeerCase("second-hello-with-a-new-nonce", lambda d: d.hello(nonce=_hex(os.urandom(16))), NOT_A_PEER, "challenged"),
+    PeerCase("px-after-challenge", _static(multibulk(b"PX", b"1", b"R", b"k")), NOT_A_PEER, "challenged"),
+    PeerCase("client-command-after-challenge", _static(b"GET k\r\n"), NOT_A_PEER, "challenged"),
+    PeerCase(
+        "huge-bulk-after-challenge", _static(b"*2\r\n$9\r\nPEER.AUTH\r\n$100000000\r\n"), PROTO_BULK, "challenged"
+    ),
+    PeerCase(
+        "proof-beyond-the-preauth-bulk-limit",
+        _static(b"*2\r\n$9\r\nPEER.AUTH\r\n$1025\r\n"),
+        PROTO_BULK,
+        "challenged",
+    ),
+    PeerCase("too-many-arguments-after-challenge", _static(b"*17\r\n"), PROTO_MBULK, "challenged"),
+    # Authenticated: anything but a well-formed PX or PING ends the link.
+    PeerCase(
+        "px-request-id-not-a-number", _static(multibulk(b"PX", b"abc", b"R", b"k")), MALFORMED_PX, "authenticated"
+    ),
+    PeerCase("px-unknown-kind", _static(multibulk(b"PX", b"1", b"Z", b"k")), MALFORMED_PX, "authenticated"),
+    PeerCase(
+        "px-prepare-missing-ballot-part",
+        _static(multibulk(b"PX", b"1", b"P", b"k", b"1", b"2")),
+        MALFORMED_PX,
+        "authenticated",
     ),
     PeerCase(
         "px-prepare-extra-field",
         _static(multibulk(b"PX", b"1", b"P", b"k", b"1", b"2", b"3", b"4")),
         MALFORMED_PX,
-        True,
+        "authenticated",
     ),
     PeerCase(
-        "px-ballot-not-a-number", _static(multibulk(b"PX", b"1", b"P", b"k", b"one", b"2", b"3")), MALFORMED_PX, True
+        "px-ballot-not-a-number",
+        _static(multibulk(b"PX", b"1", b"P", b"k", b"one", b"2", b"3")),
+        MALFORMED_PX,
+        "authenticated",
     ),
     PeerCase(
         "px-accept-missing-value",
         _static(multibulk(b"PX", b"1", b"A", b"k", b"1", b"2", b"3", b"pid")),
         MALFORMED_PX,
-        True,
+        "authenticated",
     ),
-    PeerCase("px-read-extra-field", _static(multibulk(b"PX", b"1", b"R", b"k", b"x")), MALFORMED_PX, True),
-    PeerCase("px-learn-missing-value", _static(multibulk(b"PX", b"0", b"L", b"k", b"pid")), MALFORMED_PX, True),
+    PeerCase("px-read-extra-field", _static(multibulk(b"PX", b"1", b"R", b"k", b"x")), MALFORMED_PX, "authenticated"),
+    PeerCase(
+        "px-learn-missing-value", _static(multibulk(b"PX", b"0", b"L", b"k", b"pid")), MALFORMED_PX, "authenticated"
+    ),
     PeerCase(
         "px-ballot-has-4301-digits",
         _static(multibulk(b"PX", b"1", b"P", b"k", b"9" * 4301, b"2", b"3")),
         MALFORMED_PX,
-        True,
+        "authenticated",
     ),
-    PeerCase("px-too-short", _static(multibulk(b"PX", b"1", b"R")), UNKNOWN_PEER_CMD, True),
-    PeerCase("unknown-command", _static(multibulk(b"FLUSHALL")), UNKNOWN_PEER_CMD, True),
-    PeerCase("client-command-after-hello", _static(b"GET k\r\n"), UNKNOWN_PEER_CMD, True),
-    PeerCase("second-hello", lambda h: h.hello(b"2", b"1"), UNKNOWN_PEER_CMD, True),
+    PeerCase("px-too-short", _static(multibulk(b"PX", b"1", b"R")), UNKNOWN_PEER_CMD, "authenticated"),
+    PeerCase("unknown-command", _static(multibulk(b"FLUSHALL")), UNKNOWN_PEER_CMD, "authenticated"),
+    PeerCase("client-command-after-handshake", _static(b"GET k\r\n"), UNKNOWN_PEER_CMD, "authenticated"),
+    PeerCase("second-hello", lambda d: d.hello(), UNKNOWN_PEER_CMD, "authenticated"),
+    PeerCase("second-auth", lambda d: d.auth(), UNKNOWN_PEER_CMD, "authenticated"),
     PeerCase(
-        "huge-bulk-after-hello",
+        "huge-bulk-after-handshake",
         _static(b"*8\r\n$2\r\nPX\r\n$1\r\n1\r\n$1\r\nA\r\n$100000000\r\n"),
         PROTO_BULK,
-        True,
+        "authenticated",
     ),
-    PeerCase("too-many-arguments-after-hello", _static(b"*17\r\n"), PROTO_MBULK, True),
-    PeerCase("deeply-nested-after-hello", _static(b"*1\r\n" * 10_000), NESTED, True),
-    PeerCase("binary-garbage-after-hello", _static(b"\x00\xff\xfe\x80garbage\x01\r\n"), UNKNOWN_PEER_CMD, True),
+    PeerCase("too-many-arguments-after-handshake", _static(b"*17\r\n"), PROTO_MBULK, "authenticated"),
+    PeerCase("deeply-nested-after-handshake", _static(b"*1\r\n" * 10_000), NESTED, "authenticated"),
+    PeerCase(
+        "binary-garbage-after-handshake",
+        _static(b"\x00\xff\xfe\x80garbage\x01\r\n"),
+        UNKNOWN_PEER_CMD,
+        "authenticated",
+    ),
 ]
+
+
+def open_stage(sock: socket.socket, d: Dialer, stage: Stage, inline: bool = False) -> None:
+    """Bring a fresh connection to ``stage`` of the handshake, interactively."""
+    if stage == "challenged":
+        challenge(sock, d, inline)
+    elif stage == "authenticated":
+        authenticate(sock, d)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PEER_CASES])
@@ -365,11 +580,28 @@ def test_non_peer_on_peer_port_is_refused_and_disconnected(
     shared: Cluster, links: dict[tuple[int, int], str], case: PeerCase
 ) -> None:
     node = shared.node(1)
-    h = handshake(shared, 2)
-    prefix = h.hello(b"2", b"1") if case.authenticated else b""
-    expected = (b"+OK\r\n" if case.authenticated else b"") + case.reply
-    got = converse(node.peer_port, prefix + case.data(h))  # read_to_eof: the node must close the link
-    assert got == expected
+    d = handshake(shared, 2, 1)
+    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+        open_stage(s, d, case.stage, case.inline)
+        got = finish(s, case.data(d))  # read_to_eof: the node must close the link
+    assert got == case.reply
+    assert_serving(shared, 1)
+
+
+def test_a_recorded_handshake_does_not_open_another_link(shared: Cluster, links: dict[tuple[int, int], str]) -> None:
+    """An eavesdropper replays a whole successful handshake on a new connection: the node's new
+    nonce makes the recorded PEER.AUTH worthless."""
+    node = shared.node(1)
+    d = handshake(shared, 2, 1)
+    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+        authenticate(s, d)
+        hello, auth, first_nonce = d.hello(), d.auth(), d.server_nonce
+    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+        s.sendall(hello)
+        d.take_challenge(read_line(s))  # the node proves itself again, over its new nonce
+        assert d.server_nonce != first_nonce
+        got = finish(s, auth)
+    assert got == WRONG_SECRET
     assert_serving(shared, 1)
 
 
@@ -385,6 +617,17 @@ def test_peer_port_answers_ping_and_keeps_a_silent_connection_open(shared: Clust
         s.settimeout(IO_LIMIT_S)
         s.sendall(b"GET k\r\n")
         assert read_to_eof(s) == NOT_A_PEER
+    # Also between the challenge and PEER.AUTH: PING is answered, silence waits.
+    d = handshake(shared, 2, 1)
+    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+        challenge(s, d)
+        s.sendall(b"PING\r\n")
+        assert recv_exactly(s, 7) == b"+PONG\r\n"
+        s.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            s.recv(1)
+        s.sendall(d.auth())
+        assert read_line(s) == b"+OK\r\n"
     assert_serving(shared, 1)
 
 
@@ -404,44 +647,50 @@ def _px_reply(sock: socket.socket, reader: hiredis.Reader, limit_s: float = IO_L
 
 
 def test_px_ballot_beyond_64_bits_is_malformed(shared: Cluster, links: dict[tuple[int, int], str]) -> None:
-    node = shared.node(1)
     before = info(shared, 1, "persistence")["fsync_errors"], info(shared, 1, "paxos")["alarms"]
     run = uuid.uuid4().hex.encode()
     # One packet: a prepare at ballot 2**63 for one key, and a well-formed prepare for another.
-    data = (
-        peer_login(shared, 2, 1)
-        + multibulk(b"PX", b"1", b"P", b"fuzz:bigballot:" + run, b"%d" % 2**63, b"2", b"1")
-        + multibulk(b"PX", b"2", b"P", b"fuzz:innocent:" + run, b"1", b"2", b"1")
+    data = multibulk(b"PX", b"1", b"P", b"fuzz:bigballot:" + run, b"%d" % 2**63, b"2", b"1") + multibulk(
+        b"PX", b"2", b"P", b"fuzz:innocent:" + run, b"1", b"2", b"1"
     )
     replies: list[object] = []
-    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+    with peer_session(shared, 2, 1) as s:
         s.sendall(data)
         reader = hiredis.Reader()
-        for _ in range(3):
+        for _ in range(2):
             replies.append(_px_reply(s, reader))
-            if replies[-1] == b"<closed>" or len(replies) == 3:
+            if replies[-1] == b"<closed>":
                 break
     after = info(shared, 1, "persistence")["fsync_errors"], info(shared, 1, "paxos")["alarms"]
     refused = [r for r in replies if isinstance(r, list) and r[1] == b"X"]
-    assert replies[0] == b"OK"
     assert not refused and after == before, f"replies {replies!r}; fsync_errors, alarms {before} -> {after}"
 
 
 def test_px_learn_with_a_request_id_is_malformed(shared: Cluster, links: dict[tuple[int, int], str]) -> None:
     key = b"fuzz:learn-id:" + uuid.uuid4().hex.encode()
-    prefix = peer_login(shared, 2, 1)
-    got = converse(shared.node(1).peer_port, prefix + multibulk(b"PX", b"7", b"L", key, b"pid", b"v"), close_write=True)
-    assert got == b"+OK\r\n" + MALFORMED_PX
+    with peer_session(shared, 2, 1) as s:
+        got = finish(s, multibulk(b"PX", b"7", b"L", key, b"pid", b"v"), close_write=True)
+    assert got == MALFORMED_PX
+
+
+ImpostorMode = Literal["ok", "challenge", "challenge-and-ok", "garbled-challenge"]
 
 
 class Impostor:
-    """Listens on a stopped node's peer address and answers like a peer, without the secret:
-    +OK to any PEER.HELLO, +PONG to PING, a read with a "chosen" forged value, and a refusal to
-    anything else. Runs in a thread for at most ``limit_s``; records the handshakes it saw."""
+    """Listens on a stopped node's peer address and answers like a peer, but without the secret.
 
-    def __init__(self, port: int, forged: bytes, limit_s: float = 30.0) -> None:
+    To PEER.HELLO it answers, by ``mode``: "ok" +OK at once; "challenge" a +CHALLENGE whose mac
+    is made with a guessed secret (and +OK to any PEER.AUTH); "challenge-and-ok" that challenge
+    and +OK in one write; "garbled-challenge" a +CHALLENGE that is not hex. +PONG to PING, a read
+    with a "chosen" forged value, and a refusal to anything else. Runs in a thread for at most
+    ``limit_s``; records every message it received."""
+
+    GUESSED_SECRET = b"guessed-secret"
+
+    def __init__(self, port: int, forged: bytes, mode: ImpostorMode, limit_s: float = 30.0) -> None:
         self.forged = forged
-        self.hellos: list[list[bytes]] = []
+        self.mode = mode
+        self.received: list[list[bytes]] = []
         self._stop = threading.Event()
         self._deadline = time.monotonic() + limit_s
         self._srv = socket.socket()
@@ -452,13 +701,30 @@ class Impostor:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def hellos(self) -> list[list[bytes]]:
+        return [m for m in self.received if m[0] == b"PEER.HELLO"]
+
+    def _challenge(self, msg: list[bytes]) -> bytes:
+        mine = os.urandom(16)
+        if self.mode == "garbled-challenge":
+            return b"+CHALLENGE %s\r\n" % (b"zz" * 16)
+        try:
+            nonce = bytes.fromhex(msg[4].decode("ascii"))
+            mac = handshake_mac(self.GUESSED_SECRET, b"S", msg[1], msg[2], nonce, mine)
+        except (IndexError, ValueError):
+            mac = os.urandom(32)
+        line = b"+CHALLENGE %s %s\r\n" % (_hex(mine), _hex(mac))
+        return line + b"+OK\r\n" if self.mode == "challenge-and-ok" else line
+
     def _answer(self, msg: list[bytes]) -> bytes:
+        self.received.append(msg)
         if msg[0] == b"PEER.HELLO":
-            self.hellos.append(msg)
+            return b"+OK\r\n" if self.mode == "ok" else self._challenge(msg)
+        if msg[0] == b"PEER.AUTH":
             return b"+OK\r\n"
         if msg[0] == b"PING":
             return b"+PONG\r\n"
-        if msg[0] == b"PX" and msg[2] == b"R":
+        if msg[0] == b"PX" and len(msg) > 2 and msg[2] == b"R":
             pid = b"\x00\x02" + b"\x00" * 16
             return b"*8\r\n:%s\r\n$1\r\nS\r\n:1\r\n:2\r\n:1\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:1\r\n" % (
                 msg[1],
@@ -467,7 +733,7 @@ class Impostor:
                 len(self.forged),
                 self.forged,
             )
-        if msg[0] == b"PX" and msg[1] != b"0":
+        if msg[0] == b"PX" and len(msg) > 1 and msg[1] != b"0":
             return b"*3\r\n:%s\r\n$1\r\nX\r\n$4\r\nbusy\r\n" % msg[1]
         return b""
 
@@ -497,7 +763,7 @@ class Impostor:
                         msg = reader.gets()
                         if msg is False:
                             break
-                        if isinstance(msg, list) and msg:
+                        if isinstance(msg, list) and msg and all(isinstance(a, bytes) for a in msg):
                             try:
                                 conn.sendall(self._answer(msg))
                             except OSError:
@@ -512,14 +778,8 @@ class Impostor:
         self._thread.join(timeout=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the peer handshake authenticates only the dialing side (respreg/peer.py PeerLink._run, "
-    "data_received): a node sends the cluster secret in clear to whatever listens at a peer's "
-    "address and counts the link up on any +OK, so a listener without the secret learns it and its "
-    "forged 'chosen' read reply is answered to clients",
-)
-def test_impostor_at_a_peer_address_is_not_trusted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ok", "challenge", "challenge-and-ok", "garbled-challenge"])
+def test_impostor_at_a_peer_address_is_not_trusted(tmp_path: Path, mode: ImpostorMode) -> None:
     c = Cluster(tmp_path)
     impostor: Impostor | None = None
     try:
@@ -527,19 +787,35 @@ def test_impostor_at_a_peer_address_is_not_trusted(tmp_path: Path) -> None:
         c.wait_peers()
         c.kill(3, signal.SIGTERM)
         c.kill(2, signal.SIGTERM)
-        impostor = Impostor(c.node(2).peer_port, b"forged-by-impostor")
-        # Node 1 redials node 2's address (backoff up to 1 s) and meets the impostor.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and int(str(info(c, 1, "paxos")["peers_up"])) == 0:
-            time.sleep(0.05)
+        impostor = Impostor(c.node(2).peer_port, b"forged-by-impostor", mode)
+        # Node 1 redials node 2's address (backoff up to 1 s) and meets the impostor, again and
+        # again; not once may it count that link up.
+        ups: list[int] = []
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and len(impostor.hellos()) < 3:
+            ups.append(int(str(info(c, 1, "paxos")["peers_up"])))
+            time.sleep(0.02)
         with c.client(1, protocol=2) as r:
             try:
                 answer: object = r.get("never-written")
             except redis.ResponseError as exc:
                 answer = str(exc)
-        leaked = any(len(h) > 1 and h[1] == c.secret.encode() for h in impostor.hellos)
-        # Expected: the secret stays with the members, and a GET never answers a value no client wrote.
-        assert not leaked and answer != b"forged-by-impostor", f"secret sent in clear: {leaked}; GET: {answer!r}"
+        ups.append(int(str(info(c, 1, "paxos")["peers_up"])))
+        impostor.close()
+        received = list(impostor.received)
+        up_samples = sum(1 for u in ups if u)
+        assert up_samples == 0, (
+            f"node 1 counted the impostor's link up ({up_samples}/{len(ups)} samples); sent {received}"
+        )
+        assert answer != b"forged-by-impostor"
+        assert len(impostor.hellos()) >= 3, f"node 1 did not keep dialing the impostor: {received}"
+        # The secret never crosses the wire, and node 1 proves nothing to (and asks nothing of) a
+        # listener that failed to prove itself.
+        secret = c.secret.encode()
+        assert not any(secret in arg for m in received for arg in m), received
+        assert {m[0] for m in received} == {b"PEER.HELLO"}, received
+        if mode in ("challenge", "challenge-and-ok"):
+            assert "does not know the cluster secret" in c.node(1).log_path.read_text(errors="replace")
     finally:
         if impostor is not None:
             impostor.close()
@@ -551,7 +827,8 @@ def test_impostor_at_a_peer_address_is_not_trusted(tmp_path: Path) -> None:
 PEER_FRAGMENTS = [
     b"*", b"$", b":", b"+", b"-", b"\r\n", b"\n", b"\r", b"-1", b"0", b"1", b"2", b"3", b"4", b"8", b"17",
     b"99999999999999999999", b"9223372036854775808", b" ", b"\x00", b"\xff", b'"', b"'", b"PEER.HELLO",
-    b"PX", b"P", b"A", b"R", b"L", b"PING", b"GET", b"k", b"pid", b"value", b"$100000000\r\n",
+    b"PEER.AUTH", b"PX", b"P", b"A", b"R", b"L", b"PING", b"GET", b"k", b"pid", b"value", b"$100000000\r\n",
+    b"00112233445566778899aabbccddeeff",
 ]  # fmt: skip
 
 peer_tokens = st.lists(st.one_of(st.sampled_from(PEER_FRAGMENTS), st.binary(max_size=8)), max_size=50).map(b"".join)
@@ -565,17 +842,18 @@ px_commands = st.lists(
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.one_of(st.binary(max_size=400), peer_tokens, st.lists(px_commands, max_size=4).map(b"".join)),
-    authenticated=st.booleans(),
+    stage=st.sampled_from(["fresh", "challenged", "authenticated"]),
 )
-def test_garbage_on_peer_port(shared: Cluster, data: bytes, authenticated: bool) -> None:
+def test_garbage_on_peer_port(shared: Cluster, data: bytes, stage: Stage) -> None:
     before = link_state(shared)
     node = shared.node(2)
-    prefix = peer_login(shared, 3, 2) if authenticated else b""
-    got = converse(node.peer_port, prefix + data, close_write=True)
-    if authenticated:
-        assert got.startswith(b"+OK\r\n")
-    else:
-        # Without the secret: nothing but PONGs, then at most one error (the link is then closed).
+    d = handshake(shared, 3, 2)
+    with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
+        open_stage(s, d, stage)
+        got = finish(s, data, close_write=True)
+    if stage != "authenticated":
+        # Without the full handshake: nothing but PONGs, then at most one error (the link is then
+        # closed); never a challenge (this garbage holds no well-formed PEER.HELLO) and never +OK.
         assert re.fullmatch(rb"(\+PONG\r\n)*(-[^\r\n]*\r\n)?", got), got[:300]
     assert_serving(shared, 2)
     assert_links_unchanged(shared, before)
@@ -636,11 +914,13 @@ SLOW_ROUNDS = 12
 
 
 def test_slowloris_on_both_ports(shared: Cluster, links: dict[tuple[int, int], str]) -> None:
-    """200 clients and 50 would-be peers each dribble one byte per round; everyone else is served."""
+    """200 clients and 30 would-be peers each dribble one byte per round (the peers: of a correct
+    PEER.HELLO, then a PEER.AUTH with the wrong secret); everyone else is served."""
     node = shared.node(1)
     run = uuid.uuid4().hex[:8].encode()
     commands = [multibulk(b"SETONCE", b"slow:%s:%d" % (run, i), b"v%d" % i) for i in range(SLOW_CLIENTS)]
-    peer_hello = handshake(shared, 2).hello(b"2", b"1", b"x" * 40)
+    dialers = [handshake(shared, 2, 1) for _ in range(SLOW_PEERS)]
+    hellos = [d.hello() for d in dialers]
     clients = open_many(node.port, SLOW_CLIENTS)
     peers = open_many(node.peer_port, SLOW_PEERS)
     try:
@@ -650,8 +930,8 @@ def test_slowloris_on_both_ports(shared: Cluster, links: dict[tuple[int, int], s
         for step in range(SLOW_ROUNDS):
             for i, s in enumerate(clients):
                 s.sendall(commands[i][step : step + 1])
-            for s in peers:
-                s.sendall(peer_hello[step : step + 1])
+            for i, s in enumerate(peers):
+                s.sendall(hellos[i][step : step + 1])
             # Meanwhile the node serves everyone else, and its peer links stay up.
             with shared.client(1, protocol=2) as r:
                 assert r.ping()
@@ -668,8 +948,13 @@ def test_slowloris_on_both_ports(shared: Cluster, links: dict[tuple[int, int], s
             s.sendall(commands[i][SLOW_ROUNDS:])
         for s in clients:
             assert recv_exactly(s, 5) == b"+OK\r\n"
-        for s in peers:
-            s.sendall(peer_hello[SLOW_ROUNDS:])
+        # The slow peers finish their PEER.HELLO and are challenged; without the secret their
+        # PEER.AUTH is refused and the link closed.
+        for i, s in enumerate(peers):
+            s.sendall(hellos[i][SLOW_ROUNDS:])
+        for d, s in zip(dialers, peers, strict=True):
+            d.take_challenge(read_line(s))
+            s.sendall(d.auth(secret=b"x" * 40))
         for s in peers:
             assert read_to_eof(s) == WRONG_SECRET
     finally:
@@ -852,7 +1137,7 @@ def test_huge_declared_bulk_is_rejected_from_its_header(shared: Cluster) -> None
     finally:
         close_all(socks)
     with socket.create_connection((HOST, node.peer_port), timeout=IO_LIMIT_S) as s:
-        s.sendall(b"*4\r\n$10\r\nPEER.HELLO\r\n$100000000\r\n")
+        s.sendall(b"*5\r\n$10\r\nPEER.HELLO\r\n$100000000\r\n")
         assert recv_exactly(s, len(PROTO_BULK)) == PROTO_BULK
         send_quietly(s, b"x" * 1000)
         assert read_to_eof(s) == b""
@@ -876,11 +1161,17 @@ def test_unauthenticated_peer_connections_cannot_grow_the_node(shared: Cluster) 
     socks = open_many(node.peer_port, PREAUTH_CONNECTIONS)
     grown_kb = 0
     try:
-        for s in socks:
+        # Half of the connections first pass PEER.HELLO: a challenged connection is still
+        # unauthenticated, and held to the same limits.
+        for s in socks[: PREAUTH_CONNECTIONS // 2]:
+            challenge(s, handshake(shared, 1, 3))
+        for i, s in enumerate(socks):
             s.settimeout(2.0)
+            head = b"*2\r\n$9\r\nPEER.AUTH\r\n" if i < PREAUTH_CONNECTIONS // 2 else b"*5\r\n$10\r\nPEER.HELLO\r\n"
             try:
-                # A "secret" as long as the parser allows, all but its last byte.
-                s.sendall(b"*5\r\n$10\r\nPEER.HELLO\r\n$%d\r\n" % max_bulk)
+                # A first argument (a proof, or a node id) as long as the client port's parser
+                # allows, all but its last byte.
+                s.sendall(head + b"$%d\r\n" % max_bulk)
                 s.sendall(b"s" * (max_bulk - 1))
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass  # refused, or the node stopped reading: both keep it small
