@@ -18,12 +18,18 @@ Wire format (every field a bulk string on the request side)::
     PX <req> A <key> <round> <node> <inc> <pid> <value>   accept
     PX <req> R <key>                               read
     PX 0 L <key> <pid> <value>                     learn (no reply)
+    PEER.DUMP <req> <cursor>                       durable states after file name <cursor>, for
+                                                   rebuilding an amnesiac member (see server.py)
+    PEER.IDENTITY                                  the sender was rebuilt: remember the identity
+                                                   of this link's handshake (no reply)
 
     reply  [req, "P", round, node, inc, acc-round, acc-node, acc-inc, pid|nil, value|nil, chosen]
            [req, "A", round, node, inc]
            [req, "N", round, node, inc, promised-round, promised-node, promised-inc]
            [req, "S", acc-round, acc-node, acc-inc, pid|nil, value|nil, chosen]
            [req, "X", reason]
+           [req, "D", next-cursor|nil, name, key, p-round, p-node, p-inc, a-round, a-node, a-inc,
+            pid|nil, value|nil, name, key, ...]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import hiredis
 from .core.types import (
     Accept,
     Accepted,
+    AcceptorState,
     Ballot,
     Learn,
     Nack,
@@ -253,7 +260,11 @@ class PeerServerProtocol(asyncio.Protocol):
         check_identity: Callable[[NodeId, bytes], bytes | None],
         connections: set[PeerServerProtocol],
         max_connections: int,
+        on_dump: Callable[[PeerServerProtocol, int, str], None] | None = None,
+        on_identity: Callable[[NodeId, bytes], None] | None = None,
     ) -> None:
+        self._on_dump = on_dump
+        self._on_identity = on_identity
         self._me = me
         self._connections = connections
         self._max_connections = max_connections
@@ -364,6 +375,10 @@ class PeerServerProtocol(asyncio.Protocol):
                 self._reject("ERR Protocol error: malformed peer request")
                 return
             self._on_request(self._peer, req_id, msg, self)
+        elif name == b"PEER.DUMP" and len(args) == 3 and args[1].isdigit() and self._on_dump is not None:
+            self._on_dump(self, int(args[1]), args[2].decode("ascii", "replace"))
+        elif name == b"PEER.IDENTITY" and len(args) == 1 and self._on_identity is not None and self._hello:
+            self._on_identity(self._peer, self._hello[1])
         elif name == b"PING":
             self._send(b"+PONG\r\n")
         else:
@@ -372,6 +387,18 @@ class PeerServerProtocol(asyncio.Protocol):
     def respond(self, req_id: int, reply: Reply) -> None:
         if not self.closed:
             self._send(encode_reply(req_id, reply))
+
+    def respond_dump(self, req_id: int, entries: list[tuple[str, bytes, AcceptorState]] | str, more: bool) -> None:
+        """Answer a PEER.DUMP with a page of states, or with a refusal reason."""
+        if self.closed:
+            return
+        if isinstance(entries, str):
+            self._send(encode_reply(req_id, Refused(entries)))
+            return
+        parts = [b":%d\r\n$1\r\nD\r\n" % req_id, bulk(entries[-1][0].encode()) if more and entries else b"$-1\r\n"]
+        for name, key, state in entries:
+            parts += [bulk(name.encode()), bulk(key), _ib(state.promised), _ib(state.accepted), _opt(state.proposal)]
+        self._send(b"*%d\r\n" % (3 + 10 * len(entries)) + b"".join(parts))
 
     def _send(self, data: bytes) -> None:
         self._batch.write(data)
@@ -411,6 +438,8 @@ class PeerLink(asyncio.Protocol):
         self._on_hello = on_hello
         self._nonce = b""
         self._authed = False
+        self._dumps: dict[int, asyncio.Future[list[object]]] = {}
+        self._next_dump = 1 << 62  # apart from the core's request ids
         self.timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
@@ -505,6 +534,9 @@ class PeerLink(asyncio.Protocol):
         pending, self._pending = self._pending, set()
         for req_id in pending:
             self._on_reply(req_id, Unreachable())
+        for fut in self._dumps.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"link to node {self.peer} failed"))
 
     # asyncio.Protocol
 
@@ -547,6 +579,9 @@ class PeerLink(asyncio.Protocol):
             if r == b"PONG":
                 self._waiting_pong = max(0, self._waiting_pong - 1)
                 continue
+            if isinstance(r, list) and len(r) >= 2 and isinstance(r[0], int) and r[0] in self._dumps:
+                self._dump_reply(r)
+                continue
             try:
                 assert isinstance(r, list)
                 req_id, reply = decode_reply(r)
@@ -556,6 +591,45 @@ class PeerLink(asyncio.Protocol):
             if req_id in self._pending:
                 self._pending.discard(req_id)
                 self._on_reply(req_id, reply)
+
+    async def dump(self, cursor: str) -> tuple[str | None, list[tuple[str, bytes, AcceptorState]]]:
+        """One page of the peer's durable states after file name ``cursor``; raises
+        ConnectionError if the link is down or fails, RuntimeError if the peer refuses."""
+        if not self.up or self._transport is None:
+            raise ConnectionError(f"link to node {self.peer} is down")
+        self._next_dump += 1
+        req_id = self._next_dump
+        fut: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
+        self._dumps[req_id] = fut
+        self._write(_cmd(b"PEER.DUMP", b"%d" % req_id, cursor.encode()))
+        try:
+            r = await asyncio.wait_for(fut, timeout=self.timeout_s * 10)
+        finally:
+            self._dumps.pop(req_id, None)
+        if r[1] == b"X":
+            raise RuntimeError(f"node {self.peer} refused the dump: {r[2]!r}")
+        nxt = r[2]
+        entries: list[tuple[str, bytes, AcceptorState]] = []
+        for i in range(3, len(r), 10):
+            name, key = r[i], r[i + 1]
+            assert isinstance(name, bytes) and isinstance(key, bytes)
+            ints = r[i + 2 : i + 8]
+            promised = Ballot(*ints[0:3])  # type: ignore[arg-type]
+            accepted = Ballot(*ints[3:6])  # type: ignore[arg-type]
+            entries.append(
+                (name.decode("ascii"), key, AcceptorState(promised, accepted, _proposal(r[i + 8], r[i + 9])))
+            )
+        return (nxt.decode("ascii") if isinstance(nxt, bytes) else None), entries
+
+    def _dump_reply(self, r: list[object]) -> None:
+        fut = self._dumps.get(r[0])  # type: ignore[call-overload]
+        if fut is not None and not fut.done():
+            fut.set_result(r)
+
+    def announce_identity(self) -> None:
+        """Tell the peer this node was rebuilt, so it remembers this link's identity from now on."""
+        if self.up:
+            self._write(b"*1\r\n$13\r\nPEER.IDENTITY\r\n")
 
     def _answer_challenge(self, reply: bytes) -> bool:
         """Check that the peer knows the secret, then prove that this node does too."""

@@ -92,6 +92,8 @@ class NodeServer:
         self._disk_failed: str | None = None
         self._peer_conns: set[PeerServerProtocol] = set()
         self.maxclients = config.maxclients
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rebuild: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -162,6 +164,8 @@ class NodeServer:
                         self._peer_conns,
                         # Peers need one link each (two while one reconnects); the rest is slack.
                         8 * len(cfg.peers) + 16,
+                        self._on_dump,
+                        self._on_identity,
                     ),
                     cfg.bind,
                     cfg.peer_port,
@@ -195,8 +199,13 @@ class NodeServer:
             )
             self.links[NodeId(p.node_id)] = link
             link.start()
+        self._start_rebuild()
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._rebuild is not None:
+            self._rebuild.cancel()
         for s in self._servers:
             s.close()
         for c in list(self.clients.values()):
@@ -238,6 +247,11 @@ class NodeServer:
     def _on_hello(self, peer: NodeId, remembered: bytes | None) -> None:
         """The answer of a peer to our handshake: whether it knew this node under another identity."""
         if remembered is not None:
+            if self.status == VOTING and self._rebuilt_identity_ok():
+                # This directory voted (or was rebuilt) under its identity: the peer's memory is
+                # older than our rebuild. Tell it to remember the identity it just saw.
+                self.links[peer].announce_identity()
+                return
             if self.status != AMNESIAC:
                 log.error(
                     "node %d knew node %d as identity %s, not %s: this data directory is not the one the "
@@ -255,6 +269,101 @@ class NodeServer:
             log.info("every member confirmed this new data directory; voting")
             self._set_status(VOTING)
 
+    def _rebuilt_identity_ok(self) -> bool:
+        """A voting node whose node.meta survived: a wiped directory would have come back joining."""
+        return self._handle is not None and self._handle.status != JOINING
+
+    def _on_identity(self, peer: NodeId, identity: bytes) -> None:
+        """A peer was rebuilt from a majority: remember the identity it now presents."""
+        if self._peer_identities.get(peer) != identity:
+            log.warning("node %d was rebuilt; remembering its new identity %s", peer, identity.hex())
+            self._peer_identities[peer] = identity
+            try:
+                save_peer_identities(self.config.data_dir, self._peer_identities)
+            except OSError as exc:
+                log.error("cannot record the identity of node %d: %s", peer, exc)
+
+    def _on_dump(self, link: PeerServerProtocol, req_id: int, cursor: str) -> None:
+        """Serve a page of this node's durable states to a member rebuilding itself."""
+        if self.core is None or self.core.not_voting is not None or self._files is None:
+            link.respond_dump(req_id, "this node is not a voting member now", False)
+            return
+        files = self._files
+        page = 256
+
+        def scan() -> list[tuple[str, bytes, AcceptorState]]:
+            return files.scan(cursor, page)
+
+        async def serve() -> None:
+            try:
+                entries = await asyncio.get_running_loop().run_in_executor(None, scan)
+            except Exception as exc:  # noqa: BLE001 - corrupt or unreadable files: refuse the dump
+                link.respond_dump(req_id, f"cannot dump states: {exc}", False)
+                return
+            link.respond_dump(req_id, entries, len(entries) == page)
+
+        self._tasks.add(asyncio.get_running_loop().create_task(serve()))
+        self._tasks = {t for t in self._tasks if not t.done()}
+
+    async def _rebuild_when_amnesiac(self) -> None:
+        """Rebuild this node's acceptor states from a majority of the other members, then vote.
+
+        Waits first until no operation that might hold one of this node's forgotten promises can
+        still be running (they end at their deadline), then merges the durable states of
+        (N+1)/2 other nodes per key: the highest ballot promised or accepted anywhere, and the
+        proposal accepted at the highest ballot. docs/design.md explains why that is safe.
+        """
+        cfg = self.config
+        await asyncio.sleep((2 * cfg.deadline_ms + cfg.peer_timeout_ms) / 1000)
+        need = len(cfg.peers) // 2 + 1
+        while self.status == AMNESIAC and self._disk_failed is None:
+            up = [link for link in self.links.values() if link.up]
+            if len(up) < need:
+                await asyncio.sleep(0.5)
+                continue
+            sources = up[:need]
+            try:
+                count = await self._merge_from(sources)
+            except (ConnectionError, RuntimeError, TimeoutError, OSError) as exc:
+                log.warning("rebuild from nodes %s failed, retrying: %s", [s.peer for s in sources], exc)
+                await asyncio.sleep(1.0)
+                continue
+            log.warning("rebuilt %d key states from nodes %s; voting again", count, [s.peer for s in sources])
+            self._set_status(VOTING)
+            for link in self.links.values():
+                link.announce_identity()
+
+    async def _merge_from(self, sources: list[PeerLink]) -> int:
+        """Merge the dumps of ``sources`` key by key (all are ordered by file name) and write them."""
+        assert self._files is not None
+        loop = asyncio.get_running_loop()
+        cursors: list[str | None] = ["" for _ in sources]
+        buffers: list[list[tuple[str, bytes, AcceptorState]]] = [[] for _ in sources]
+        written = 0
+        while True:
+            for i, link in enumerate(sources):
+                c = cursors[i]
+                if not buffers[i] and c is not None:
+                    cursors[i], buffers[i] = await link.dump(c)
+            heads = [b[0][0] for b in buffers if b]
+            if not heads:
+                return written
+            # Every name up to the smallest "last name" of the sources still paging is complete.
+            limit = min((b[-1][0] for i, b in enumerate(buffers) if b and cursors[i] is not None), default=None)
+            merged: dict[str, tuple[bytes, AcceptorState]] = {}
+            for i, buf in enumerate(buffers):
+                keep = []
+                for name, key, state in buf:
+                    if limit is not None and name > limit:
+                        keep.append((name, key, state))
+                        continue
+                    old = merged.get(name)
+                    merged[name] = (key, state if old is None else _merge_states(old[1], state))
+                buffers[i] = keep
+            batch = [(key, state) for key, state in merged.values()]
+            await loop.run_in_executor(None, self._files.write_many, batch)
+            written += len(batch)
+
     def _identity_hex(self) -> str:
         assert self._handle is not None
         return self._handle.identity.hex()
@@ -271,6 +380,11 @@ class NodeServer:
                 return  # never start voting on a status that is not durable; refusing is always safe
         self.status = status
         self._apply_status()
+        self._start_rebuild()
+
+    def _start_rebuild(self) -> None:
+        if self.status == AMNESIAC and (self._rebuild is None or self._rebuild.done()) and self.links:
+            self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_when_amnesiac())
 
     def _apply_status(self) -> None:
         assert self.core is not None
@@ -434,6 +548,14 @@ class NodeServer:
             "data_dir": str(self.config.data_dir),
         }
         return {"persistence": persistence, "paxos": paxos}
+
+
+def _merge_states(a: AcceptorState, b: AcceptorState) -> AcceptorState:
+    """The state of an acceptor that saw what both did: the highest ballot promised or accepted
+    by either, and the proposal accepted at the higher ballot."""
+    accepted = a if a.accepted >= b.accepted else b
+    promised = max(a.promised, b.promised, a.accepted, b.accepted)
+    return AcceptorState(promised, accepted.accepted, accepted.proposal)
 
 
 def run_forever(config: ServerConfig, on_ready: Callable[[NodeServer], None] | None = None) -> None:

@@ -201,6 +201,16 @@ class _BodyReader:
 def decode_state(data: bytes, expected_key: bytes, path_for_message: Path | str) -> AcceptorState:
     """Parse a per-key file's contents; raise CorruptStateError unless they are valid for
     ``expected_key``. ``path_for_message`` only appears in error messages."""
+    key, state = decode_file(data, path_for_message)
+    if key != expected_key:
+        raise CorruptStateError(
+            f"corrupt state file {path_for_message}: file holds key {key!r}, not the requested key {expected_key!r}"
+        )
+    return state
+
+
+def decode_file(data: bytes, path_for_message: Path | str) -> tuple[bytes, AcceptorState]:
+    """Parse a per-key file's contents into (key, state); raise CorruptStateError if invalid."""
     where = str(path_for_message)
 
     def corrupt(reason: str) -> CorruptStateError:
@@ -224,8 +234,6 @@ def decode_state(data: bytes, expected_key: bytes, path_for_message: Path | str)
 
     reader = _BodyReader(body, where)
     key = reader.blob("key")
-    if key != expected_key:
-        raise corrupt(f"file holds key {key!r}, not the requested key {expected_key!r}")
     promised = reader.ballot("promised")
     accepted = reader.ballot("accepted")
     present = reader.flag("proposal flag")
@@ -240,7 +248,7 @@ def decode_state(data: bytes, expected_key: bytes, path_for_message: Path | str)
         raise corrupt(f"bad proposal flag {present} (expected 0 or 1)")
     if reader.remaining():
         raise corrupt(f"{reader.remaining()} unexpected bytes at the end of the body")
-    return AcceptorState(promised=promised, accepted=accepted, proposal=proposal)
+    return key, AcceptorState(promised=promised, accepted=accepted, proposal=proposal)
 
 
 # ---- low-level durable file helpers ----------------------------------------------------------
@@ -287,6 +295,13 @@ def _write_temp(final: Path, data: bytes) -> Path:
         _unlink_quietly(tmp)
         raise
     return tmp
+
+
+def _subdirs(path: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir() and len(e.name) == 2]
+    except FileNotFoundError:
+        return []
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -363,6 +378,30 @@ class KeyFiles:
         except FileNotFoundError:
             return None
         return decode_state(data, key, path)
+
+    def scan(self, after: str, limit: int) -> list[tuple[str, bytes, AcceptorState]]:
+        """Up to ``limit`` stored (file name, key, state), in file-name order, after ``after``
+        ("" to start). Raises CorruptStateError on an invalid file: a dump must not skip one."""
+        out: list[tuple[str, bytes, AcceptorState]] = []
+        for top in sorted(_subdirs(self.root)):
+            if top < after[:2]:
+                continue
+            for leaf in sorted(_subdirs(self.root / top)):
+                if top + leaf < after[:4]:
+                    continue
+                directory = self.root / top / leaf
+                names = sorted(n for n in os.listdir(directory) if not n.startswith(".") and n > after)
+                for name in names:
+                    path = directory / name
+                    try:
+                        data = path.read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    key, state = decode_file(data, path)
+                    out.append((name, key, state))
+                    if len(out) >= limit:
+                        return out
+        return out
 
     def write_many(self, items: Sequence[tuple[bytes, AcceptorState]]) -> None:
         """Durably store every (key, state); all of them are on disk when this returns.

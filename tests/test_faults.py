@@ -6,7 +6,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -227,7 +227,7 @@ def test_five_nodes_survive_two_crashes(tmp_path: Path) -> None:
         c.close()
 
 
-def test_wiped_data_directory_never_votes_again(slow_cluster: Cluster) -> None:
+def test_wiped_data_directory_does_not_vote_until_rebuilt_from_a_majority(slow_cluster: Cluster) -> None:
     """Without identity checks, a wiped node plus a node that missed a write would answer nil
     (and accept a second value) for a key the cluster already chose."""
     import shutil
@@ -238,26 +238,55 @@ def test_wiped_data_directory_never_votes_again(slow_cluster: Cluster) -> None:
     c.kill(1)
     shutil.rmtree(c.node(1).data_dir)  # node 1 loses every promise and acceptance
     c.start(1)
+    wait_for(lambda: c.client(1).info("paxos")["acceptor"] == "amnesiac")  # node 2 remembers it
     c.kill(2)
     c.start(3)
     n3 = c.client(3, socket_timeout=DEADLINE_MS / 1000 + 5)
-    deadline = time.monotonic() + 15
-    while c.client(1).info("paxos")["acceptor"] != "amnesiac" and time.monotonic() < deadline:
-        time.sleep(0.05)  # node 1 learns it was replaced from node 3's handshake
-    assert c.client(1).info("paxos")["acceptor"] == "amnesiac"
-    # Nodes 1 (wiped) and 3 (missed the write) are a majority by count, but node 1 must not vote.
+    # Nodes 1 (wiped) and 3 (missed the write) are a majority by count, but node 1 must not vote,
+    # and it cannot rebuild: that needs both other nodes.
     with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
         n3.get("chosen-by-1-and-2")
     with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
         n3.execute_command("SETONCE", "chosen-by-1-and-2", "second")
     assert "will not vote" in c.node(1).log_path.read_text()
-    c.start(2)
-    c.wait_peers()
-    for n in (1, 2, 3):
-        assert c.client(n).get("chosen-by-1-and-2") == b"first"
-    # The wiped node still serves clients as a proposer; the other two form the majority.
-    assert c.client(1).execute_command("SETONCE", "after-wipe", "x") in (b"OK", True)
     assert c.client(1).info("paxos")["acceptor"] == "amnesiac"
+    # With node 2 back, node 1 rebuilds its states from nodes 2 and 3, then votes again.
+    c.start(2)
+    wait_for(lambda: c.client(1).info("paxos")["acceptor"] == "voting", timeout_s=60)
+    assert "rebuilt" in c.node(1).log_path.read_text()
+    # Now nodes 1 and 3 alone must still give the chosen value: node 1 carries it from node 2.
+    c.kill(2)
+    assert n3.get("chosen-by-1-and-2") == b"first"
+    assert n3.execute_command("SETONCE", "chosen-by-1-and-2", "second") is None
+    # And node 2 learned node 1's new identity: restarting both keeps node 1 voting.
+    c.start(2)
+    c.kill(1)
+    c.start(1)
+    c.wait_peers()
+    assert c.client(1).info("paxos")["acceptor"] == "voting"
+    assert c.client(1).get("chosen-by-1-and-2") == b"first"
+
+
+def test_merged_state_keeps_the_highest_promise_and_acceptance() -> None:
+    from respreg.core.types import AcceptorState, Ballot, Proposal
+    from respreg.server import _merge_states
+
+    a = AcceptorState(Ballot(9, 2, 1), Ballot(3, 1, 1), Proposal(b"p1", b"x"))
+    b = AcceptorState(Ballot(5, 3, 1), Ballot(5, 3, 1), Proposal(b"p2", b"y"))
+    m = _merge_states(a, b)
+    assert (m.promised, m.accepted, m.proposal) == (Ballot(9, 2, 1), Ballot(5, 3, 1), Proposal(b"p2", b"y"))
+    assert _merge_states(b, a) == m
+    empty = AcceptorState()
+    assert _merge_states(empty, b) == b and _merge_states(b, empty) == b
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    assert cond(), f"condition not met within {timeout_s}s"
 
 
 def test_new_cluster_votes_only_after_every_member_confirmed(tmp_path: Path) -> None:

@@ -495,3 +495,28 @@ def test_lock_file_is_kept_and_meta_has_no_temp_leftovers(tmp_path: Path) -> Non
         assert (tmp_path / "LOCK").exists()
     assert not info.lock.held
     assert sorted(os.listdir(tmp_path)) == ["LOCK", "node.meta"]
+
+
+def test_scan_pages_every_state_in_file_name_order(tmp_path: Path) -> None:
+    files = KeyFiles(tmp_path / "keys", workers=2)
+    try:
+        states = {b"k%d" % i: AcceptorState(Ballot(i, 1, 1), NO_BALLOT, None) for i in range(300)}
+        files.write_many(list(states.items()))
+        seen: list[str] = []
+        got: dict[bytes, AcceptorState] = {}
+        cursor = ""
+        for _ in range(100):
+            page = files.scan(cursor, 64)
+            if not page:
+                break
+            seen += [name for name, _, _ in page]
+            got.update({key: state for _, key, state in page})
+            cursor = page[-1][0]
+        assert got == states
+        assert seen == sorted(seen) and len(seen) == len(set(seen)) == 300
+        path = files.path_for(b"k7")
+        path.write_bytes(path.read_bytes()[:-1])
+        with pytest.raises(CorruptStateError):
+            files.scan("", 1000)  # a dump never skips a state it cannot read
+    finally:
+        files.close()
