@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .config import ServerConfig
 from .core.node import (
     Alarm,
+    Failed,
     NodeConfig,
     NodeCore,
     NodeEffect,
@@ -31,7 +32,7 @@ from .core.node import (
     Persist,
 )
 from .core.proposer import ProposerConfig
-from .core.types import EMPTY_STATE, AcceptorState, NodeId, Proposal, Reply, Request, Unreachable
+from .core.types import EMPTY_STATE, AcceptorState, Ballot, NodeId, Proposal, Reply, Request, Unreachable
 from .peer import PeerLink, PeerServerProtocol
 from .storage import (
     AMNESIAC,
@@ -306,12 +307,13 @@ class NodeServer:
         self._tasks = {t for t in self._tasks if not t.done()}
 
     async def _rebuild_when_amnesiac(self) -> None:
-        """Rebuild this node's acceptor states from a majority of the other members, then vote.
+        """Make this node's lost votes irrelevant, then vote again (docs/design.md explains why).
 
-        Waits first until no operation that might hold one of this node's forgotten promises can
-        still be running (they end at their deadline), then merges the durable states of
-        (N+1)/2 other nodes per key: the highest ballot promised or accepted anywhere, and the
-        proposal accepted at the highest ballot. docs/design.md explains why that is safe.
+        Waits until no operation that might hold one of its forgotten promises can still be
+        running (they end at their deadline). Then it reads the durable states of (N+1)/2 other
+        members and, for every key where they show an accepted proposal that is not visibly
+        chosen (accepted by a majority at one ballot), completes it through Paxos with this
+        node's acceptor refusing, so that whatever is chosen is chosen by other nodes alone.
         """
         cfg = self.config
         await asyncio.sleep((2 * cfg.deadline_ms + cfg.peer_timeout_ms) / 1000)
@@ -323,46 +325,48 @@ class NodeServer:
                 continue
             sources = up[:need]
             try:
-                count = await self._merge_from(sources)
+                unsettled = await self._unsettled_keys(sources)
+                repaired = await self._repair(unsettled)
             except (ConnectionError, RuntimeError, TimeoutError, OSError) as exc:
                 log.warning("rebuild from nodes %s failed, retrying: %s", [s.peer for s in sources], exc)
                 await asyncio.sleep(1.0)
                 continue
-            log.warning("rebuilt %d key states from nodes %s; voting again", count, [s.peer for s in sources])
+            log.warning(
+                "rebuilt from nodes %s (%d keys completed through Paxos); voting again",
+                [s.peer for s in sources],
+                repaired,
+            )
             self._set_status(VOTING)
             for link in self.links.values():
                 link.announce_identity()
 
-    async def _merge_from(self, sources: list[PeerLink]) -> int:
-        """Merge the dumps of ``sources`` key by key (all are ordered by file name) and write them."""
-        assert self._files is not None
-        loop = asyncio.get_running_loop()
-        cursors: list[str | None] = ["" for _ in sources]
-        buffers: list[list[tuple[str, bytes, AcceptorState]]] = [[] for _ in sources]
-        written = 0
-        while True:
-            for i, link in enumerate(sources):
-                c = cursors[i]
-                if not buffers[i] and c is not None:
-                    cursors[i], buffers[i] = await link.dump(c)
-            heads = [b[0][0] for b in buffers if b]
-            if not heads:
-                return written
-            # Every name up to the smallest "last name" of the sources still paging is complete.
-            limit = min((b[-1][0] for i, b in enumerate(buffers) if b and cursors[i] is not None), default=None)
-            merged: dict[str, tuple[bytes, AcceptorState]] = {}
-            for i, buf in enumerate(buffers):
-                keep = []
-                for name, key, state in buf:
-                    if limit is not None and name > limit:
-                        keep.append((name, key, state))
-                        continue
-                    old = merged.get(name)
-                    merged[name] = (key, state if old is None else _merge_states(old[1], state))
-                buffers[i] = keep
-            batch = [(key, state) for key, state in merged.values()]
-            await loop.run_in_executor(None, self._files.write_many, batch)
-            written += len(batch)
+    async def _unsettled_keys(self, sources: list[PeerLink]) -> list[bytes]:
+        """Keys for which ``sources`` show an accepted proposal but no majority at one ballot."""
+        need = len(self.config.peers) // 2 + 1
+        accepted: dict[bytes, dict[Ballot, int]] = {}
+        for link in sources:
+            cursor: str | None = ""
+            while cursor is not None:
+                cursor, entries = await link.dump(cursor)
+                for _, key, state in entries:
+                    if state.proposal is not None:
+                        counts = accepted.setdefault(key, {})
+                        counts[state.accepted] = counts.get(state.accepted, 0) + 1
+        return [key for key, counts in accepted.items() if max(counts.values()) < need]
+
+    async def _repair(self, keys: list[bytes]) -> int:
+        """Complete every key through Paxos among the other nodes; raise if one cannot be."""
+        assert self.core is not None
+        for start in range(0, len(keys), 64):
+            futs = []
+            for key in keys[start : start + 64]:
+                op_id = self._new_op()
+                futs.append(self._ops[op_id])
+                self._apply(self.core.begin_repair(op_id, key))
+            for outcome in await asyncio.gather(*futs):
+                if isinstance(outcome, Failed):
+                    raise RuntimeError(f"could not complete a key: {outcome.kind.value} {outcome.reason}")
+        return len(keys)
 
     def _identity_hex(self) -> str:
         assert self._handle is not None
@@ -548,14 +552,6 @@ class NodeServer:
             "data_dir": str(self.config.data_dir),
         }
         return {"persistence": persistence, "paxos": paxos}
-
-
-def _merge_states(a: AcceptorState, b: AcceptorState) -> AcceptorState:
-    """The state of an acceptor that saw what both did: the highest ballot promised or accepted
-    by either, and the proposal accepted at the higher ballot."""
-    accepted = a if a.accepted >= b.accepted else b
-    promised = max(a.promised, b.promised, a.accepted, b.accepted)
-    return AcceptorState(promised, accepted.accepted, accepted.proposal)
 
 
 def run_forever(config: ServerConfig, on_ready: Callable[[NodeServer], None] | None = None) -> None:

@@ -267,19 +267,6 @@ def test_wiped_data_directory_does_not_vote_until_rebuilt_from_a_majority(slow_c
     assert c.client(1).get("chosen-by-1-and-2") == b"first"
 
 
-def test_merged_state_keeps_the_highest_promise_and_acceptance() -> None:
-    from respreg.core.types import AcceptorState, Ballot, Proposal
-    from respreg.server import _merge_states
-
-    a = AcceptorState(Ballot(9, 2, 1), Ballot(3, 1, 1), Proposal(b"p1", b"x"))
-    b = AcceptorState(Ballot(5, 3, 1), Ballot(5, 3, 1), Proposal(b"p2", b"y"))
-    m = _merge_states(a, b)
-    assert (m.promised, m.accepted, m.proposal) == (Ballot(9, 2, 1), Ballot(5, 3, 1), Proposal(b"p2", b"y"))
-    assert _merge_states(b, a) == m
-    empty = AcceptorState()
-    assert _merge_states(empty, b) == b and _merge_states(b, empty) == b
-
-
 def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

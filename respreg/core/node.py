@@ -199,13 +199,33 @@ class NodeCore:
             return [OpDone(op_id, Chosen(known))]
         return self._begin(op_id, key, None, deadline_ms)
 
-    def _begin(self, op_id: int, key: bytes, proposal: Proposal | None, deadline_ms: float | None) -> list[NodeEffect]:
+    def begin_repair(self, op_id: int, key: bytes) -> list[NodeEffect]:
+        """Make sure whatever may be chosen for ``key`` is chosen by nodes other than this one.
+
+        Used while this node does not vote (its acceptor refuses, so every quorum is made of
+        other nodes): a read through Paxos that ignores the chosen cache and learned flags, so
+        it ends only when a majority of other nodes accepted one proposal at one ballot, or
+        showed that nothing was accepted.
+        """
+        assert self.not_voting is not None, "a repair needs this node's acceptor out of the quorums"
+        return self._begin(op_id, key, None, None, trust_learned=False)
+
+    def _begin(
+        self,
+        op_id: int,
+        key: bytes,
+        proposal: Proposal | None,
+        deadline_ms: float | None,
+        trust_learned: bool = True,
+    ) -> list[NodeEffect]:
         if op_id in self._ops:
             raise ValueError(f"operation {op_id} already running")
         config = self.config.proposer
         if deadline_ms is not None:
             config = replace(config, deadline_ms=deadline_ms)
-        p = Proposer(key, self.me, self.nodes, self.incarnation, proposal, self._alloc_round, self._random, config)
+        p = Proposer(
+            key, self.me, self.nodes, self.incarnation, proposal, self._alloc_round, self._random, config, trust_learned
+        )
         self._ops[op_id] = p
         self._op_reqs[op_id] = []
         return self._run(op_id, p.start())

@@ -137,6 +137,7 @@ class Proposer:
         alloc_round: Callable[[int], int],
         random: Callable[[], float],
         config: ProposerConfig,
+        trust_learned: bool = True,
     ) -> None:
         self.key = key
         self.me = me
@@ -147,6 +148,9 @@ class Proposer:
         self._alloc_round = alloc_round
         self._random = random
         self.config = config
+        #: Finish early when an acceptor's node reports the proposal as learned. A repair (see
+        #: NodeCore.begin_repair) must not: it needs the value chosen by a majority it can name.
+        self.trust_learned = trust_learned
         self.phase = _Phase.IDLE
         self.seq = 0
         self.attempts = 0
@@ -199,7 +203,7 @@ class Proposer:
             if reply.promised > self._highest_seen:
                 self._highest_seen = reply.promised
         else:
-            if (isinstance(reply, (State, Promise))) and reply.chosen and reply.proposal is not None:
+            if self.trust_learned and isinstance(reply, (State, Promise)) and reply.chosen and reply.proposal:
                 return self._finish(reply.proposal, learned=True)
             if not self._expected(reply):
                 return []
