@@ -481,7 +481,10 @@ class PeerLink(asyncio.Protocol):
                     loop.create_connection(lambda: self, self.host, self.port, local_addr=local),
                     timeout=self.timeout_s,
                 )
-                assert self._transport is not None
+                if self._transport is None:
+                    # Accepted, then closed or reset at once (a proxy in front of a dead node,
+                    # a node shutting down): connection_lost already ran. Dial again.
+                    raise ConnectionResetError("connection closed while it was being set up")
                 self._nonce = os.urandom(16)
                 self._authed = False
                 self._transport.write(
@@ -504,6 +507,10 @@ class PeerLink(asyncio.Protocol):
                 self.failures += 1
                 log.debug("peer %s link failed: %s", self.peer, exc)
                 self._drop(str(exc))
+            except Exception:  # noqa: BLE001 - whatever goes wrong, this link must keep redialling
+                self.failures += 1
+                log.exception("peer %s link failed unexpectedly; redialling", self.peer)
+                self._drop("unexpected error")
             if self._stopping:
                 return
             await asyncio.sleep(backoff)

@@ -1,0 +1,289 @@
+"""Short chaos runs against a real 3-node cluster (the long ones: ``python -m tests.chaos.run``).
+
+Each run drives 16 concurrent clients through one kind of fault for a few seconds, heals, and
+asserts that the history has no violation of the write-once register model and that a write
+succeeds through every node afterwards. Availability and recovery figures are printed (run
+pytest with ``-s`` to see them), never asserted: they depend on the machine.
+
+Set ``CHAOS_SEED`` to replay other fault schedules than the fixed ones.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.chaos.nemesis import Nft, nft_unavailable
+from tests.chaos.proxy import ProxyThread, Route
+from tests.chaos.run import RunConfig, run
+from tests.cluster import free_ports
+
+NFT_REASON = nft_unavailable()
+needs_nft = pytest.mark.skipif(NFT_REASON is not None, reason=NFT_REASON or "")
+
+
+# ---- the chaos runs ---------------------------------------------------------------------------------
+
+SHORT_RUNS = {
+    "kill": ("kill",),
+    "pause": ("pause",),
+    "proxy-partition": ("proxy-partition",),
+    "partition": ("partition",),
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(SHORT_RUNS))
+def test_chaos_short(name: str, tmp_path: Path) -> None:
+    if name == "partition" and NFT_REASON is not None:
+        pytest.skip(NFT_REASON)
+    seed = int(os.environ.get("CHAOS_SEED", "0")) or 1000 + list(SHORT_RUNS).index(name)
+    cfg = RunConfig(
+        nodes=3,
+        duration_s=4.5,
+        seed=seed,
+        nemeses=SHORT_RUNS[name],
+        clients=16,
+        deadline_ms=2000,
+        hold_s=(1.5, 2.5),
+        quiet_s=(0.3, 0.8),
+        warmup_s=1.0,
+        recover_timeout_s=30.0,
+        root=tmp_path,
+        proxy_modes=("blackhole", "cut", "flap", "reject"),
+    )
+    result = run(cfg, log=lambda s: print(s, flush=True))
+    print(result.summary)
+    assert any(e.what == "heal" for e in result.events), "no fault was applied"
+    assert result.violations == [], result.summary
+    assert result.recovered, "no write succeeded through some node after healing:\n" + result.summary
+
+
+# ---- the proxy on its own ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo_server() -> Iterator[tuple[str, int]]:
+    """A TCP echo server on 127.0.0.3 (stands in for a peer port)."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.3", 0))
+    ls.listen(16)
+    ls.settimeout(0.1)
+    stop = threading.Event()
+
+    def echo(c: socket.socket) -> None:
+        with c:
+            while True:
+                try:
+                    data = c.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                c.sendall(data)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = ls.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(c,), daemon=True).start()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield ls.getsockname()
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        ls.close()
+
+
+def roundtrip(port: int, payload: bytes = b"ping", timeout: float = 2.0) -> tuple[bytes, float]:
+    """Send ``payload`` through the proxy and read it back; (reply, seconds)."""
+    t = time.monotonic()
+    with socket.create_connection(("127.0.0.3", port), timeout=timeout, source_address=("127.0.0.2", 0)) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got, time.monotonic() - t
+
+
+def test_proxy_forwards_delays_drops_cuts_and_resets(echo_server: tuple[str, int]) -> None:
+    host, port = echo_server
+    proxy = ProxyThread([Route(2, 3, "127.0.0.3", host, port, "127.0.0.2")])
+    try:
+        p = proxy.port(2, 3)
+        assert roundtrip(p)[0] == b"ping"
+
+        proxy.set_link(2, 3, delay_ms=150)
+        got, took = roundtrip(p)
+        assert got == b"ping" and took >= 0.3  # 150 ms each way
+        proxy.set_link(2, 3, delay_ms=0)
+
+        # Blackhole: connected, nothing comes back; after reopening, the broken stream is reset.
+        proxy.set_link(2, 3, "blackhole")
+        s = socket.create_connection(("127.0.0.3", p), timeout=0.5, source_address=("127.0.0.2", 0))
+        s.sendall(b"lost")
+        with pytest.raises(TimeoutError):
+            s.recv(16)
+        proxy.set_link(2, 3, "open")
+        with pytest.raises((ConnectionResetError, TimeoutError)):
+            s.settimeout(2)
+            if s.recv(16) == b"":
+                raise ConnectionResetError("closed")
+        s.close()
+        assert roundtrip(p)[0] == b"ping"
+
+        # Cut: connections are refused; open again: the same port works.
+        proxy.set_link(2, 3, "cut")
+        with pytest.raises(ConnectionRefusedError):
+            roundtrip(p)
+        proxy.set_link(2, 3, "open")
+        assert roundtrip(p)[0] == b"ping"
+
+        # The node behind the link is down: refused like its own port, until it is up again.
+        proxy.set_down(3, True)
+        with pytest.raises(ConnectionRefusedError):
+            roundtrip(p)
+        proxy.heal()  # a heal does not bring a node back
+        with pytest.raises(ConnectionRefusedError):
+            roundtrip(p)
+        proxy.set_down(3, False)
+        assert roundtrip(p)[0] == b"ping"
+
+        # Reject: accepted, then reset at once.
+        proxy.set_link(2, 3, "reject")
+        with pytest.raises((ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            got, _ = roundtrip(p)
+            if got == b"":
+                raise ConnectionResetError("closed")
+        proxy.set_link(2, 3, "open")
+
+        # Reset: the current connection dies, a new one works.
+        s = socket.create_connection(("127.0.0.3", p), timeout=2, source_address=("127.0.0.2", 0))
+        s.sendall(b"a")
+        assert s.recv(1) == b"a"
+        proxy.reset(2, 3)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            time.sleep(0.1)
+            s.sendall(b"b")
+            if s.recv(1) == b"":
+                raise ConnectionResetError("closed")
+        s.close()
+        assert roundtrip(p)[0] == b"ping"
+        stats = proxy.stats()["2->3"]
+        assert stats["dropped_bytes"] == 4
+    finally:
+        proxy.close()
+
+
+# ---- nftables on its own ------------------------------------------------------------------------------
+
+
+@needs_nft
+def test_nft_partition_drops_peer_ports_only(echo_server: tuple[str, int]) -> None:
+    host, port = echo_server
+    other = socket.socket()  # a "client port" on the same address, which must stay reachable
+    other.bind(("127.0.0.3", 0))
+    other.listen(4)
+    nft = Nft(["127.0.0.2", "127.0.0.3"], [port])
+    try:
+        chain = nft.add_chain(Nft.drop_pair_rules("127.0.0.2", "127.0.0.3"))
+        with pytest.raises((TimeoutError, OSError)):
+            socket.create_connection((host, port), timeout=0.5, source_address=("127.0.0.2", 0)).close()
+        # Client traffic to the same address, and peer traffic from another address, pass.
+        socket.create_connection(other.getsockname(), timeout=2, source_address=("127.0.0.2", 0)).close()
+        socket.create_connection((host, port), timeout=2, source_address=("127.0.0.4", 0)).close()
+        nft.delete_chain(chain)
+        socket.create_connection((host, port), timeout=2, source_address=("127.0.0.2", 0)).close()
+        assert nft.table in nft.listing()
+    finally:
+        nft.close()
+        other.close()
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10)
+    assert nft.table not in r.stdout
+
+
+# ---- a respreg bug the proxy found ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_peer_link_redials_after_a_connection_reset_at_once(tmp_path: Path) -> None:
+    client_ports = free_ports(3)
+    peer_ports = free_ports(3)
+    peers = ",".join(f"{i}=127.0.0.{i}:{peer_ports[i - 1]}" for i in (1, 2, 3))
+
+    def serve(i: int) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"n{i}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "respreg", "serve", "--id", str(i), "--port", str(client_ports[i - 1]),
+                 "--peer-port", str(peer_ports[i - 1]), "--bind", f"127.0.0.{i}", "--data-dir", str(tmp_path / f"n{i}"),
+                 "--peers", peers, "--cluster-secret", "s"],
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+
+    # Node 2's peer port first belongs to something that accepts and resets every connection.
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.2", peer_ports[1]))
+    ls.listen(64)
+    ls.settimeout(0.05)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs += [serve(1), serve(3)]
+        resets = 0
+        deadline = time.monotonic() + 8  # about 10 dials from each of nodes 1 and 3 (backoff up to 1 s)
+        while time.monotonic() < deadline:
+            try:
+                c, _ = ls.accept()
+            except TimeoutError:
+                continue
+            c.close()
+            resets += 1
+        ls.close()
+        assert resets >= 4
+        procs.append(serve(2))  # the real node 2 now
+        deadline = time.monotonic() + 10
+        views: dict[int, object] = {}
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            for i in (1, 3):
+                try:
+                    info = redis.Redis(host=f"127.0.0.{i}", port=client_ports[i - 1], socket_timeout=2).info("paxos")
+                except redis.ConnectionError:
+                    continue
+                views[i] = info.get("peer2")
+            if all(isinstance(v, dict) and str(v.get("up")) == "1" for v in views.values()) and len(views) == 2:
+                break
+        assert len(views) == 2 and all(isinstance(v, dict) and str(v.get("up")) == "1" for v in views.values()), (
+            f"a node never redialled node 2 after {resets} reset connections: {views}"
+        )
+    finally:
+        ls.close()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
