@@ -61,7 +61,9 @@ node.meta format (version 2; version 1 is still read)
 status (1 byte: voting, joining, amnesiac), CRC-32 of the preceding 38 bytes (unsigned 32-bit).
 Version 1 (25 bytes) lacks identity and status. Written with the same temp-file / fsync /
 rename / fsync-directory discipline. The incarnation is incremented on every start so that
-ballots of a restarted node never repeat ballots of an earlier life.
+ballots of a restarted node never repeat ballots of an earlier life; a new directory starts at
+a random 62-bit incarnation, so a node whose directory was wiped does not repeat the ballots of
+its earlier directory either.
 
 peers.meta format
 -----------------
@@ -802,8 +804,11 @@ def open_node(data_dir: Path, node_id: int) -> NodeInfo:
 
         if data is None:
             # A new directory: a fresh random identity, and no vote until the other members
-            # confirm they never knew this node id under another identity.
-            meta = NodeMeta(node_id=node_id, incarnation=1, identity=os.urandom(16), status=JOINING)
+            # confirm they never knew this node id under another identity. The incarnation
+            # starts at a random 62-bit number, not at 1: if this node id had an earlier
+            # directory (wiped since), its ballots and proposal ids must not repeat that life's.
+            first = int.from_bytes(os.urandom(8), "big") >> 2 or 1
+            meta = NodeMeta(node_id=node_id, incarnation=first, identity=os.urandom(16), status=JOINING)
         else:
             try:
                 old = NodeMeta.decode(data)

@@ -8,6 +8,8 @@
   ``python -m tests.sim.run --seed N --nodes 3 --scenario standard -v``.
 - Targeted tests: fsync before reply (with a broken disk as a control), determinism, and exact
   interleavings driven by hand.
+- Amnesia: a node loses its disk and rebuilds itself before it votes again (the ``amnesia``
+  sweeps), with a control where it votes at once, which must break the register.
 
 ``RESPREG_SIM_SCALE=10`` runs ten times as many seeds.
 """
@@ -21,14 +23,21 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 
 import pytest
 
-from respreg.core.node import NodeConfig
+from respreg.core.node import NodeConfig, NodeCore
 from respreg.core.proposer import Chosen, Empty, Failed, Failure, Outcome
-from respreg.core.types import AcceptorState, Ballot, NodeId, Prepare, Promise, Proposal
+from respreg.core.types import EMPTY_STATE, AcceptorState, Ballot, NodeId, Prepare, Promise, Proposal
 
 from .sim.checker import check_completion, check_history
-from .sim.scenarios import run_crash_after_reply, run_seeds, run_standard
+from .sim.scenarios import (
+    run_amnesia,
+    run_amnesia_adopt,
+    run_amnesia_vote_at_once,
+    run_crash_after_reply,
+    run_seeds,
+    run_standard,
+)
 from .sim.script import Scripted
-from .sim.world import ChosenRecord, OpRecord, Oracle
+from .sim.world import AMNESIAC, ChosenRecord, OpRecord, Oracle
 
 # ---- hand-made histories ---------------------------------------------------------------------
 
@@ -207,6 +216,26 @@ def test_oracle_detects_two_chosen() -> None:
     assert any("SAFETY" in v for v in o.violations)
 
 
+def test_oracle_forgets_a_wiped_node() -> None:
+    """A wiped node's acceptances stop counting at the wipe: it cannot help choose with them."""
+    o = Oracle(majority=2)
+    b1, b2 = Ballot(1, 1, 0), Ballot(2, 2, 0)
+    assert o.on_durable(1.0, 1, K, AcceptorState(b1, b1, P("p1"))) is None
+    o.forget(1)
+    # Node 2 accepts after node 1 lost its acceptance: no majority ever *held* b1 at once. The
+    # record says a majority accepted b1 only if the lost acceptance counts (what a proposer
+    # that got both Accepted replies believes, and what a rebuild must keep chosen).
+    assert o.on_durable(2.0, 2, K, AcceptorState(b1, b1, P("p1"))) == ChosenRecord(2.0, b1, P("p1"), lost=True)
+    # Node 1 accepts again after the wipe: now a majority holds b1 durably.
+    assert o.on_durable(3.0, 1, K, AcceptorState(b1, b1, P("p1"))) == ChosenRecord(3.0, b1, P("p1"))
+    assert not o.violations
+    # Another proposal chosen at a later ballot by the rebuilt node and another one: unsafe.
+    o.forget(1)
+    o.on_durable(4.0, 1, K, AcceptorState(b2, b2, P("p2")))
+    o.on_durable(5.0, 3, K, AcceptorState(b2, b2, P("p2")))
+    assert any("SAFETY" in v for v in o.violations)
+
+
 # ---- seed sweeps -----------------------------------------------------------------------------
 
 SCALE = float(os.environ.get("RESPREG_SIM_SCALE", "1"))
@@ -220,6 +249,8 @@ SWEEPS = [
     ("crash-after-reply", 5, 100, 50),
     ("crash-mid-accept", 3, 300, 150),
     ("crash-mid-accept", 5, 100, 50),
+    ("amnesia", 3, 400, 100),
+    ("amnesia", 5, 160, 40),
 ]
 CHUNKS = [
     (scenario, nodes, start, min(start + size, int(total * SCALE)))
@@ -356,3 +387,211 @@ def test_every_reply_is_released_once_durable_with_a_small_state_cache() -> None
     assert isinstance(answered.get(101), Promise)
     assert isinstance(answered.get(102), Promise), f"reply to the Prepare of b never sent: {answered}"
 
+
+
+# ---- amnesia: a wiped node rebuilds itself before it votes ------------------------------------
+
+
+def test_amnesia_rebuild_repairs_keys_and_votes_again() -> None:
+    """The scenario does what it claims: wiped nodes refuse, repair unsettled keys, vote again."""
+    results = [run_amnesia(seed, 3) for seed in range(12)]
+    for res in results:
+        assert res.ok, "\n".join([res.reproduce(), *res.violations[:5]])
+    logs = [log for res in results for log in res.rebuilds]
+    assert any(log.repairs > 0 for log in logs)
+    # Every wiped node ended voting, never earlier than 2 x deadline after its last boot.
+    for res in results:
+        assert not res.world.amnesiac_nodes()
+        wait = 2 * res.world.deadline_ms
+        assert all(log.voting_at is None or log.voting_at >= log.booted + wait for log in res.rebuilds)
+        assert res.rebuilds and res.rebuilds[-1].voting_at is not None
+
+
+def test_amnesia_control_voting_at_once_is_caught() -> None:
+    """Control: a wiped node that votes at once with an empty state breaks the register.
+
+    The variants of one seed share the world and the workload, so the seed the control fails on
+    passes with the rebuild.
+    """
+    caught = next((seed for seed in range(40) if not run_amnesia_vote_at_once(seed, 3).ok), None)
+    assert caught is not None, "voting at once after a wipe went unnoticed for 40 seeds"
+    res = run_amnesia(caught, 3)
+    assert res.ok, "\n".join([res.reproduce(), *res.violations[:5]])
+
+
+def test_amnesia_adopt_variant_runs() -> None:
+    """The unsafe ``amnesia-adopt`` variant really adopts states (its outcome is only reported)."""
+    res = run_amnesia_adopt(1, 5)
+    assert res.rebuilds and all(log.repairs == 0 for log in res.rebuilds)
+    assert any(log.voting_at is not None and log.unsettled > 0 for log in res.rebuilds)
+
+
+def test_same_seed_same_run_with_amnesia() -> None:
+    a = run_amnesia(1, 3, trace=True)
+    b = run_amnesia(1, 3, trace=True)
+    assert a.world.trace is not None and any("WIPE" in line for line in a.world.trace)
+    assert any(f"Refused(reason='{AMNESIAC}')" in line for line in a.world.trace)  # it did not vote meanwhile
+    assert a.world.trace == b.world.trace
+
+
+def test_a_wiped_node_never_reuses_a_ballot_of_its_first_life() -> None:
+    """Found here: a node whose data directory was wiped used to start counting incarnations again
+    (``incarnation=1`` in a new ``node.meta``) with its round counter at 0, so its ballots
+    ``(round, node, incarnation)`` repeated those of its first life. ``storage.open_node`` now
+    gives a new directory a random 62-bit incarnation; this script runs the old hazard with the
+    restarted core at such an incarnation and checks that the register holds.
+
+    Five nodes. n1 (first life) prepares ballot 1.1 on k, promised by everybody, and its Accept
+    of X reaches n2 only. n1 is wiped and comes back amnesiac (not voting), at the same
+    incarnation. A SETONCE of Y on n1 prepares 1.1 again: n3..n5 promise it again (re-promising
+    the promised ballot is allowed), none reports an accepted value, so n1 proposes Y at 1.1.
+    n2 already holds X at 1.1 and takes Accept(1.1, Y) for a retransmission: it answers Accepted
+    without accepting Y. With n3 and n4 the write counts a majority and answers +OK, but only two
+    of five acceptors hold Y. A GET on n3 that hears n3, n4 and n2 counts three answers at ballot
+    1.1 and returns the proposal of the last one: X.
+    """
+    s = Scripted(5)
+    s.write(1, 1, K, b"pX", b"X")
+    s.flush(1)
+    s.deliver(src=1)
+    for n in range(2, 6):
+        s.flush(n)
+    s.deliver(dst=1)
+    s.flush(1)
+    s.requests = [r for r in s.requests if r.dst == 2]  # the Accepts of X to n3..n5 are lost
+    s.deliver(src=1, dst=2)
+    s.flush(2)
+    s.replies = []
+    # n1 loses its disk and restarts at the incarnation of its first life, amnesiac.
+    n1 = NodeId(1)
+    s.disk[n1] = {}
+    s.persists = [(n, p) for n, p in s.persists if n != n1]
+    fresh_incarnation = 0x2F3A_91C4_77E0_15B2  # what open_node draws for a new directory
+    core = NodeCore(
+        n1, s.ids, fresh_incarnation, lambda key: s.disk[n1].get(key, EMPTY_STATE), s.rng.random, NodeConfig()
+    )
+    core.set_voting(AMNESIAC)
+    s.cores[n1] = core
+    s.write(1, 2, K, b"pY", b"Y")
+    s.drop(src=1, dst=2)  # the Prepare to n2 is lost
+    for n in (3, 4, 5):
+        s.deliver(src=1, dst=n)
+        s.flush(n)
+    s.deliver(dst=1)
+    s.drop(src=1, dst=5)  # the Accept to n5 is lost
+    s.settle([1, 2, 3, 4], learn=False)
+    wrote_y = s.outcomes.get(2) == Chosen(Proposal(b"pY", b"Y"))
+    holding_y = [n for n in range(2, 6) if (st := s.disk[NodeId(n)].get(K)) and st.proposal == Proposal(b"pY", b"Y")]
+    s.read(3, 3, K)
+    for n in (4, 2):
+        s.deliver(src=3, dst=n)
+        s.deliver(src=n, dst=3)
+    read = s.outcomes.get(3)
+    assert not wrote_y or read == Chosen(Proposal(b"pY", b"Y")), (
+        f"SETONCE Y answered +OK with Y durable on only {len(holding_y)} of 5 acceptors (n{holding_y}), "
+        f"then GET returned {read}: the wiped node reused ballot 1.1 of its first life"
+    )
+
+
+def _two_minority_proposals() -> Scripted:
+    """Five nodes; x accepted at 1.2 by n2 and n3, y at the higher 2.1 by n1 and n4; nothing chosen."""
+    s = Scripted(5)
+    s.write(2, 1, K, b"px", b"x")
+    s.flush(2)
+    s.drop(src=2, dst=1)
+    s.drop(src=2, dst=5)
+    for n in (3, 4):
+        s.deliver(src=2, dst=n)
+        s.flush(n)
+    s.deliver(dst=2)
+    s.flush(2)
+    s.requests = [r for r in s.requests if r.src == 2 and r.dst == 3]  # x's Accept reaches n3 only
+    s.deliver(src=2, dst=3)
+    s.flush(3)
+    s.requests, s.replies = [], []
+    s.cores[NodeId(1)]._round = 1
+    s.write(1, 2, K, b"py", b"y")
+    s.flush(1)
+    s.drop(src=1, dst=2)
+    s.drop(src=1, dst=3)
+    for n in (4, 5):
+        s.deliver(src=1, dst=n)
+        s.flush(n)
+    s.deliver(dst=1)
+    s.flush(1)
+    s.requests = [r for r in s.requests if r.src == 1 and r.dst == 4]  # y's Accept reaches n4 only
+    s.deliver(src=1, dst=4)
+    s.flush(4)
+    s.requests, s.replies = [], []
+    held = {n: (st.accepted, st.proposal.value) for n, d in s.disk.items() if (st := d.get(K)) and st.proposal}
+    x, y = (Ballot(1, 2, 0), b"x"), (Ballot(2, 1, 0), b"y")
+    assert held == {1: y, 2: x, 3: x, 4: y}
+    return s
+
+
+def _then_read_x_and_write_z(s: Scripted) -> tuple[Outcome | None, Outcome | None, Outcome | None]:
+    """A GET among n1..n3, then a SETONCE on n5 with n1, n4, n5, then a GET among n1, n3..n5."""
+    s.read(2, 3, K)
+    s.drop(src=2, dst=4)
+    s.drop(src=2, dst=5)
+    s.settle([1, 2, 3], learn=False)
+    s.requests, s.replies = [], []
+    s.cores[NodeId(5)]._round = 5
+    s.write(5, 4, K, b"pz", b"z")
+    s.drop(src=5, dst=2)
+    s.drop(src=5, dst=3)
+    s.settle([1, 4, 5], learn=False)
+    s.requests, s.replies = [], []
+    s.read(3, 5, K)
+    s.drop(src=3, dst=2)
+    s.settle([1, 3, 4, 5], learn=False)
+    return s.outcomes.get(3), s.outcomes.get(4), s.outcomes.get(5)
+
+
+def _boot_wiped_n1(s: Scripted, voting: bool) -> NodeCore:
+    n1 = NodeId(1)
+    core = NodeCore(n1, s.ids, 1, lambda key: s.disk[n1].get(key, EMPTY_STATE), s.rng.random, NodeConfig())
+    if not voting:
+        core.set_voting(AMNESIAC)
+    s.cores[n1] = core
+    return core
+
+
+def test_adopting_merged_states_is_unsafe_with_five_nodes() -> None:
+    """Why the rebuild repairs instead of adopting (the ``amnesia-adopt`` variant; its random sweep
+    rarely builds this case). n1 is wiped and adopts the merged states of n2, n3, n5: the highest
+    accepted proposal they show is x at 1.2, so x is now held by n1, n2, n3 at one ballot and a GET
+    returns it. But y, accepted at the higher 2.1 by n4 (which was not a source), is what a
+    quorum n1, n4, n5 completes: a later GET returns y."""
+    s = _two_minority_proposals()
+    s.disk[NodeId(1)] = {}
+    merged = AcceptorState()
+    for n in (2, 3, 5):
+        st = s.disk[NodeId(n)].get(K, EMPTY_STATE)
+        higher = st.proposal is not None and st.accepted > merged.accepted
+        merged = AcceptorState(
+            max(merged.promised, st.promised),
+            st.accepted if higher else merged.accepted,
+            st.proposal if higher else merged.proposal,
+        )
+    s.disk[NodeId(1)][K] = merged
+    _boot_wiped_n1(s, voting=True)
+    first, _, last = _then_read_x_and_write_z(s)
+    assert first == Chosen(Proposal(b"px", b"x"))
+    assert last == Chosen(Proposal(b"py", b"y"))  # two values: adoption broke the register
+
+
+def test_repairing_instead_keeps_one_value() -> None:
+    """The same history with the rebuild of docs/design.md: n1 refuses while it completes k among
+    the others (n2, n3, n5 answer), then votes with an empty state; every answer is x."""
+    s = _two_minority_proposals()
+    s.disk[NodeId(1)] = {}
+    core = _boot_wiped_n1(s, voting=False)
+    s.apply(NodeId(1), core.begin_repair(9, K))
+    s.drop(src=1, dst=4)
+    s.settle([1, 2, 3, 5], learn=False)
+    assert s.outcomes.get(9) == Chosen(Proposal(b"px", b"x"))
+    s.requests, s.replies = [], []
+    core.set_voting(None)
+    outcomes = _then_read_x_and_write_z(s)
+    assert outcomes == (Chosen(Proposal(b"px", b"x")),) * 3

@@ -399,12 +399,14 @@ def test_group_commit_failing_callback_does_not_block_others(tmp_path: Path, cap
 def test_open_node_creates_and_increments_incarnation(tmp_path: Path) -> None:
     data_dir = tmp_path / "a" / "b"
     identities = set()
-    for expected in (1, 2, 3):
+    first = 0
+    for step in (0, 1, 2):
         info = open_node(data_dir, 4)
         identities.add(info.identity)
+        first = first or info.incarnation
         try:
             assert info.status == JOINING  # a new directory does not vote until confirmed
-            assert info.incarnation == expected
+            assert info.incarnation == first + step
             assert info.node_id == 4
             assert info.data_dir == data_dir
             assert info.keys_dir == data_dir / "keys"
@@ -412,7 +414,18 @@ def test_open_node_creates_and_increments_incarnation(tmp_path: Path) -> None:
             info.close()
     meta = NodeMeta.decode((data_dir / "node.meta").read_bytes())
     assert len(identities) == 1 and len(meta.identity) == 16
-    assert meta == NodeMeta(node_id=4, incarnation=3, identity=meta.identity, status=JOINING)
+    assert meta == NodeMeta(node_id=4, incarnation=first + 2, identity=meta.identity, status=JOINING)
+
+
+def test_a_new_directory_never_restarts_the_incarnation_count(tmp_path: Path) -> None:
+    """A wiped node id must not repeat the ballots (round, node, incarnation) of its old life."""
+    seen = set()
+    for i in range(20):
+        info = open_node(tmp_path / f"d{i}", 1)
+        seen.add(info.incarnation)
+        assert 1 <= info.incarnation < 2**62
+        info.close()
+    assert len(seen) == 20
 
 
 def test_node_status_and_peer_identities_persist(tmp_path: Path) -> None:
@@ -420,7 +433,7 @@ def test_node_status_and_peer_identities_persist(tmp_path: Path) -> None:
     write_meta(tmp_path, NodeMeta(2, info.incarnation, info.identity, VOTING))
     info.close()
     again = open_node(tmp_path, 2)
-    assert (again.status, again.identity, again.incarnation) == (VOTING, info.identity, 2)
+    assert (again.status, again.identity, again.incarnation) == (VOTING, info.identity, info.incarnation + 1)
     again.close()
     assert load_peer_identities(tmp_path) == {}
     save_peer_identities(tmp_path, {1: b"a" * 16, 3: b"b" * 16})

@@ -3,6 +3,7 @@
     python -m tests.sim.run --seed 17 --nodes 3 -v
     python -m tests.sim.run --seed 17 --nodes 5 --scenario majority-down -v
     python -m tests.sim.run --seeds 0:200 --nodes 3          # sweep, print failing seeds
+    python -m tests.sim.run --seeds 0:200 --nodes 3 --scenario amnesia-vote-at-once
 
 ``-v`` prints the full event trace (messages, disk writes, crashes, client operations).
 """

@@ -13,6 +13,17 @@ Scenarios:
   world checks that the reply's state had reached the disk.
 - ``crash-mid-accept``: a proposer's node crashes halfway through broadcasting an Accept (its
   own acceptor never writes it) and restarts at once, so its next ballots meet its old ones.
+- ``amnesia``: a node loses its whole disk and comes back amnesiac; it serves clients as a
+  proposer but does not vote until it has rebuilt itself (``tests.sim.rebuild``), then votes
+  again. Sometimes a second wipe follows, of the same node or another one. Its incarnations
+  keep growing across the wipe (ballots never repeat, as the design assumes; a real node on a
+  new data directory draws a random 62-bit incarnation). ``amnesia-reset-incarnation`` models
+  the old behaviour, a restart at incarnation 1 (see
+  ``test_a_wiped_node_never_reuses_a_ballot_of_its_first_life`` for where that broke).
+  Controls that must or may fail: ``amnesia-vote-at-once`` (the wiped node votes at once with an
+  empty state), ``amnesia-adopt`` (the rebuild adopts the sources' merged states instead of
+  repairing), ``amnesia-reset-incarnation`` (the wiped node counts incarnations from the start
+  again, as a real node on a new data directory once did, so its ballots can repeat old ones).
 """
 
 from __future__ import annotations
@@ -23,10 +34,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from respreg.core.node import NodeConfig
-from respreg.core.proposer import Chosen, Empty, Failed
+from respreg.core.proposer import Chosen, Empty, Failed, ProposerConfig
 from respreg.core.types import NodeId, Proposal
 
 from .checker import check_completion, check_history
+from .rebuild import Rebuilder, RebuildLog
 from .world import Faults, OpRecord, World, WorldOptions
 
 VALUES = (b"red", b"green", b"blue")
@@ -40,6 +52,8 @@ class Result:
     world: World
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: What the rebuilds of amnesiac nodes did (amnesia scenarios), one entry per amnesiac boot.
+    rebuilds: list[RebuildLog] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -310,11 +324,111 @@ def run_majority_down(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     return _finish(world, res)
 
 
+def run_amnesia(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    """A node loses its disk, comes back amnesiac, rebuilds itself and votes again."""
+    return _run_amnesia("amnesia", seed, nodes, trace, "repair")
+
+
+def run_amnesia_vote_at_once(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    """Control: the wiped node votes at once with its empty state (must fail for some seeds)."""
+    return _run_amnesia("amnesia-vote-at-once", seed, nodes, trace, "none")
+
+
+def run_amnesia_adopt(seed: int, nodes: int = 5, trace: bool = False) -> Result:
+    """Control: the rebuild adopts the sources' merged states instead of repairing keys."""
+    return _run_amnesia("amnesia-adopt", seed, nodes, trace, "adopt")
+
+
+def run_amnesia_reset_incarnation(seed: int, nodes: int = 5, trace: bool = False) -> Result:
+    """The wiped node restarts its incarnation count, as ``storage.open_node`` does on a new
+    directory: its ballots and those of its first life can coincide."""
+    return _run_amnesia("amnesia-reset-incarnation", seed, nodes, trace, "repair", reset_incarnation=True)
+
+
+def _run_amnesia(
+    scenario: str, seed: int, nodes: int, trace: bool, mode: str, reset_incarnation: bool = False
+) -> Result:
+    """``mode``: ``repair`` (the rebuild), ``adopt`` (unsafe rebuild), ``none`` (votes at once).
+
+    Every variant of one seed draws the same world and workload (the seed string does not name
+    the variant), so a control's failing seed can be replayed under the real rebuild.
+    """
+    rng = random.Random(f"amnesia/{nodes}/{seed}")
+    faults = Faults.draw(rng)
+    drawn = _node_config(rng)
+    # Shorter deadlines than the default, so that the 2 x deadline wait ends inside the faults.
+    deadline = rng.choice([400.0, 1000.0, 3000.0])
+    proposer = ProposerConfig(attempt_timeout_ms=deadline / 6, deadline_ms=deadline)
+    config = replace(drawn, proposer=proposer)
+    options = WorldOptions(node_config=config, trace=trace, wipe_resets_incarnation=reset_incarnation)
+    world = World(rng, nodes, faults, options)
+    res = Result(scenario, seed, nodes, world)
+    rebuilder = Rebuilder(world, rng, "adopt" if mode == "adopt" else "repair")
+    amnesiac = mode != "none"
+    f = world.faults
+    first_wipe = rng.uniform(50.0, 1500.0)
+    # Faults go on while the rebuild repairs keys, and for a while after the node votes again.
+    after_wipe = rng.uniform(f.down_min_ms, f.down_max_ms) + rebuilder.wait_ms + deadline + rng.uniform(300.0, 3000.0)
+    stop = first_wipe + after_wipe
+    wipes = rng.choice([1, 1, 2])
+    ops = rng.randint(6, 12)
+    think_max = rng.choice([30.0, 2 * stop / ops])
+    wl = Workload(world, rng, clients_per_node=2, ops_per_client=ops, hot_keys=rng.randint(1, 4), stop=stop,
+                  think_max=think_max)
+    wiped: list[int] = []
+
+    def wipe() -> None:
+        # One amnesiac node at a time, and never more nodes down than a minority (an amnesiac
+        # node counts as down); otherwise try again a little later.
+        if world.now >= stop:
+            return
+        up = [n for n in world.node_ids if world.hosts[n].up]
+        if world.amnesiac_nodes() or world.down_count() >= world.max_down or not up:
+            world.after(rng.uniform(5.0, 50.0), wipe)
+            return
+        victim = rng.choice(up)
+        world.log(f"==== WIPE n{victim}")
+        world.wipe(victim, rng.uniform(f.down_min_ms, f.down_max_ms), amnesiac=amnesiac)
+        wiped.append(int(victim))
+        if len(wiped) < wipes:
+            world.after(rng.uniform(100.0, after_wipe), wipe)
+
+    world.after(first_wipe, wipe)
+    wl.start()
+    world.run_until(stop)
+    # Heal, then let the rebuild finish before the liveness checks, which ask every node.
+    world.faults = world.faults.healed()
+    world.crashes_enabled = False
+    world.log("==== HEAL: no more faults, every node up; waiting for the rebuild")
+    world.restart_all()
+    healed = world.now
+    # Enough for the wait, a dump of every key page by page from each source, and the repairs.
+    dump_ms = 30.0 * world.majority * (len(wl.keys) + 2)
+    limit = healed + rebuilder.wait_ms + dump_ms + 10 * world.deadline_ms
+    world.run_while(lambda: bool(world.amnesiac_nodes()), limit)
+    for nid in world.amnesiac_nodes():
+        res.violations.append(f"LIVENESS: n{nid} is still amnesiac {limit - healed:.0f} ms after healing")
+    res.notes.append(
+        f"wiped: {wiped}; faults until t={stop:.0f}; deadline {deadline:.0f} ms, "
+        f"rebuild wait {rebuilder.wait_ms:.0f} ms"
+    )
+    res.rebuilds = rebuilder.logs
+    for log in rebuilder.logs:
+        res.notes.append(f"rebuild: {log}")
+    liveness_phase(world, wl, res)
+    res.violations += rebuilder.violations
+    return _finish(world, res)
+
+
 SCENARIOS: dict[str, Callable[[int, int, bool], Result]] = {
     "standard": run_standard,
     "majority-down": run_majority_down,
     "crash-after-reply": run_crash_after_reply,
     "crash-mid-accept": run_crash_mid_accept,
+    "amnesia": run_amnesia,
+    "amnesia-vote-at-once": run_amnesia_vote_at_once,
+    "amnesia-adopt": run_amnesia_adopt,
+    "amnesia-reset-incarnation": run_amnesia_reset_incarnation,
 }
 
 

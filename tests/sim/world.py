@@ -9,6 +9,9 @@ What the world models:
 - Nodes: each runs a real ``NodeCore``. A crash discards the object with its timers, its pending
   disk writes and its client operations (these end *indeterminate*); a restart builds a new
   ``NodeCore`` with ``incarnation + 1`` whose ``load`` reads the simulated disk.
+- Amnesia: :meth:`World.wipe` crashes a node and empties its disk. It comes back *amnesiac*: its
+  acceptor refuses to vote (``set_voting``) until a driver (``tests.sim.rebuild``) rebuilds it,
+  and it counts as down until then. Its lost acceptances leave the oracle at the wipe.
 - Disk: one dict ``key -> AcceptorState`` per node. A ``Persist`` lands after a random delay
   (writes of one key land in the order they were issued), then ``on_persisted`` is called. A
   crash before that loses the write.
@@ -17,7 +20,9 @@ What the world models:
   sender see ``Unreachable`` with some probability, otherwise it vanishes. A reply is delivered
   only to the same incarnation that sent the request (a real connection dies with its process).
 - Oracle: every accepted state that reached a disk is recorded per ``(key, ballot)``, which tells
-  what was truly chosen (accepted by a majority at one ballot) and when.
+  what was truly chosen (accepted by a majority at one ballot, counting only acceptances still
+  on a disk that was not wiped since) and when; a majority reached only by counting acceptances
+  lost to a wipe is recorded too, marked ``lost`` (see :class:`Oracle`).
 
 The world checks, as they happen: a Promise/Accepted/State reply leaves a node only once the disk
 holds that state (fsync before reply); a node's durable state never goes backwards; at most one
@@ -60,6 +65,9 @@ from respreg.core.types import (
     State,
     Unreachable,
 )
+
+#: Why an amnesiac node's acceptor refuses (what ``set_voting`` gets).
+AMNESIAC = "amnesiac"
 
 # ---- fault profile ---------------------------------------------------------------------------
 
@@ -181,14 +189,28 @@ class ChosenRecord:
     time: float
     ballot: Ballot
     proposal: Proposal
+    #: A majority accepted the ballot only if acceptances since lost to a wipe are counted.
+    lost: bool = False
 
 
 class Oracle:
-    """What acceptors made durable, hence what was truly chosen, per key."""
+    """What acceptors made durable, hence what was truly chosen, per key.
+
+    A proposal is chosen once a majority holds it durably at one ballot; a node whose disk is
+    wiped stops counting at that moment (:meth:`forget`). Besides, the oracle records when a
+    majority had *ever* accepted a ballot, lost acceptances included (``lost=True``): that is
+    what a proposer counts when its Accepted replies crossed a wipe (an acceptor answered, then
+    lost its disk, then another one accepted), and what the rebuild must keep chosen (docs/
+    design.md, argument (a)). Such a record is the earliest moment a client may see the value;
+    every record of a key, of either kind, must carry the same proposal.
+    """
 
     def __init__(self, majority: int) -> None:
         self.majority = majority
+        #: Nodes whose disk holds (or held, before being overwritten) the ballot; none wiped since.
         self.acceptors: dict[tuple[bytes, Ballot], set[int]] = {}
+        #: Every node that ever made the ballot durable, wipes notwithstanding.
+        self.ever: dict[tuple[bytes, Ballot], set[int]] = {}
         self.proposal_at: dict[tuple[bytes, Ballot], Proposal] = {}
         self.chosen: dict[bytes, list[ChosenRecord]] = {}
         self.violations: list[str] = []
@@ -203,13 +225,19 @@ class Oracle:
                 f"t={now:.3f} ballot {tuple(state.accepted)} of key {key!r} carries two proposals: "
                 f"{known} and {state.proposal}"
             )
+        ever = self.ever.setdefault(kb, set())
+        ever_now = node not in ever and len(ever) + 1 == self.majority
+        ever.add(node)
         nodes = self.acceptors.setdefault(kb, set())
         if node in nodes:
             return None
         nodes.add(node)
-        if len(nodes) != self.majority:
+        if len(nodes) == self.majority:
+            rec = ChosenRecord(now, state.accepted, state.proposal)
+        elif ever_now:
+            rec = ChosenRecord(now, state.accepted, state.proposal, lost=True)
+        else:
             return None
-        rec = ChosenRecord(now, state.accepted, state.proposal)
         earlier = self.chosen.setdefault(key, [])
         for other in earlier:
             if other.proposal != rec.proposal:
@@ -219,6 +247,11 @@ class Oracle:
                 )
         earlier.append(rec)
         return rec
+
+    def forget(self, node: int) -> None:
+        """``node`` lost its disk: its acceptances count no more (those made later count again)."""
+        for nodes in self.acceptors.values():
+            nodes.discard(node)
 
     def first_chosen(self, key: bytes) -> ChosenRecord | None:
         recs = self.chosen.get(key)
@@ -233,13 +266,27 @@ class Host:
 
     def __init__(self, nid: NodeId) -> None:
         self.id = nid
+        #: Counts the processes this host ran; replies and timers reach only the one that asked.
         self.incarnation = 0
+        #: ``incarnation`` of the first start on the current disk: a node whose disk was wiped
+        #: may start counting its incarnations again (see ``WorldOptions.wipe_resets_incarnation``).
+        self.disk_born = 0
         self.core: NodeCore | None = None
         self.disk: dict[bytes, AcceptorState] = {}
         #: When the last write issued for a key lands (writes of one key land in order).
         self.disk_busy: dict[bytes, float] = {}
         self.ops: dict[int, OpRecord] = {}
         self.ops_done: dict[int, Callable[[OpRecord], None]] = {}
+        #: Operations the driver runs for itself (repairs), with their start time and callback.
+        self.internal: dict[int, tuple[float, Callable[[Outcome], None]]] = {}
+        #: The disk was wiped after this node voted: it must not vote until it is rebuilt (what
+        #: the real node records as its status in ``node.meta``, so it survives restarts).
+        self.amnesiac = False
+
+    @property
+    def core_incarnation(self) -> int:
+        """The incarnation the node itself believes in (counted from its disk's first start)."""
+        return self.incarnation - self.disk_born
 
     @property
     def up(self) -> bool:
@@ -267,6 +314,10 @@ class WorldOptions:
     max_down: int | None = None  # default: a minority
     #: Call ``on_persisted`` before the write reaches the disk (a broken fsync, to test the check).
     lying_disk: bool = False
+    #: A wiped node counts its incarnations from the start again, as a real node did on a new data
+    #: directory before ``storage.open_node`` drew a random first incarnation (kept as a stress
+    #: case). Off: incarnations keep growing across wipes, which is what random draws amount to.
+    wipe_resets_incarnation: bool = False
 
 
 class World:
@@ -295,6 +346,8 @@ class World:
         self._pending = 0
         self.crashes_enabled = faults.crash_every_ms is not None
         self.stats = {"messages": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
+        #: Called after every boot (a driver starts its rebuild of an amnesiac node here).
+        self.on_boot: Callable[[Host], None] | None = None
         for h in self.hosts.values():
             self._boot(h)
         if faults.crash_every_ms is not None:
@@ -340,16 +393,69 @@ class World:
 
     def _boot(self, h: Host) -> None:
         h.core = NodeCore(
-            h.id, self.node_ids, h.incarnation, partial(self._load, h), self.rng.random, self.node_config
+            h.id, self.node_ids, h.core_incarnation, partial(self._load, h), self.rng.random, self.node_config
         )
         h.disk_busy = {}
+        if h.amnesiac:
+            # What a real node does when it finds it was known under another identity.
+            h.core.set_voting(AMNESIAC)
+        if self.on_boot is not None:
+            self.on_boot(h)
 
     @staticmethod
     def _load(h: Host, key: bytes) -> AcceptorState:
         return h.disk.get(key, EMPTY_STATE)
 
     def down_count(self) -> int:
-        return sum(1 for h in self.hosts.values() if not h.up)
+        """Nodes that do not vote: crashed, or amnesiac and not yet rebuilt."""
+        return sum(1 for h in self.hosts.values() if not h.up or h.amnesiac)
+
+    def amnesiac_nodes(self) -> list[NodeId]:
+        return [nid for nid in self.node_ids if self.hosts[nid].amnesiac]
+
+    def wipe(self, nid: NodeId, down_for: float, amnesiac: bool = True) -> bool:
+        """Crash ``nid`` and lose its whole disk; it restarts after ``down_for`` ms.
+
+        It comes back amnesiac (refusing to vote until rebuilt), or, with ``amnesiac=False``,
+        voting at once with an empty state: the hazard the rebuild exists for.
+        """
+        h = self.hosts[nid]
+        if not self.crash(nid, down_for):
+            return False
+        if self.trace is not None:
+            how = "amnesiac" if amnesiac else "voting"
+            self.log(f"n{nid} WIPE: its disk of {len(h.disk)} keys is gone; it comes back {how}")
+        h.disk = {}
+        h.disk_busy = {}
+        h.amnesiac = amnesiac
+        if self.options.wipe_resets_incarnation:
+            h.disk_born = h.incarnation + 1
+        self.oracle.forget(int(nid))
+        return True
+
+    def set_voting(self, nid: NodeId) -> None:
+        """The rebuild of ``nid`` finished: its acceptor votes again."""
+        h = self.hosts[nid]
+        assert h.core is not None and h.amnesiac
+        h.amnesiac = False
+        h.core.set_voting(None)
+        if self.trace is not None:
+            self.log(f"n{nid} VOTING again (rebuilt)")
+
+    def write_disk(self, nid: NodeId, key: bytes, state: AcceptorState) -> None:
+        """Put ``state`` on the disk of ``nid`` at once, as durable (a driver adopting states)."""
+        self._write_disk(self.hosts[nid], key, state)
+
+    def start_repair(self, nid: NodeId, key: bytes, on_done: Callable[[Outcome], None]) -> None:
+        """Run ``NodeCore.begin_repair`` on ``nid``; ``on_done`` gets the outcome, unless it crashes."""
+        h = self.hosts[nid]
+        assert h.core is not None
+        op_id = self._next_op
+        self._next_op += 1
+        h.internal[op_id] = (self.now, on_done)
+        if self.trace is not None:
+            self.log(f"n{nid} REPAIR {key!r} (op#{op_id})")
+        self._apply(h, h.incarnation, h.core.begin_repair(op_id, key))
 
     def crash(self, nid: NodeId, down_for: float | None) -> bool:
         """Crash ``nid`` now; restart it after ``down_for`` ms (None: stays down)."""
@@ -360,6 +466,7 @@ class World:
         if self.trace is not None:
             self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
         h.core = None
+        h.internal = {}
         ops, h.ops = h.ops, {}
         self._pending -= len(ops)
         callbacks, h.ops_done = h.ops_done, {}
@@ -401,8 +508,13 @@ class World:
 
     def _crash_random(self, only: NodeId | None = None) -> None:
         if self.down_count() >= self.max_down:
-            return
-        up = [nid for nid in self.node_ids if self.hosts[nid].up]
+            # Only a node that counts as down already (amnesiac) may crash now, and not every
+            # time: each of its restarts begins its rebuild's wait again.
+            up = [nid for nid in self.node_ids if self.hosts[nid].up and self.hosts[nid].amnesiac]
+            if not up or (only is not None and only not in up) or self.rng.random() < 0.9:
+                return
+        else:
+            up = [nid for nid in self.node_ids if self.hosts[nid].up]
         if not up:
             return
         nid = only if only is not None else self.rng.choice(up)
@@ -444,6 +556,15 @@ class World:
 
     def _op_done(self, h: Host, op_id: int, outcome: Outcome) -> None:
         rec = h.ops.pop(op_id, None)
+        internal = h.internal.pop(op_id, None) if rec is None else None
+        if internal is not None:
+            started, callback = internal
+            if self.trace is not None:
+                self.log(f"n{h.id} REPAIR DONE op#{op_id}: {describe_outcome(outcome, None)}")
+            if self.now - started > self.deadline_ms + 1e-6:
+                self.violations.append(f"repair op#{op_id} took {self.now - started:.3f} ms, past its deadline")
+            callback(outcome)
+            return
         if rec is None:
             self.violations.append(f"t={self.now:.3f} n{h.id}: OpDone for unknown or finished op {op_id}")
             return
@@ -539,9 +660,9 @@ class World:
         if self.trace is not None:
             self.log(f"n{h.id} DISK {key!r} := {fmt_state(state)}")
         rec = self.oracle.on_durable(self.now, int(h.id), key, state)
-        if rec is not None:
-            if self.trace is not None:
-                self.log(f"ORACLE {key!r} CHOSEN {rec.proposal.pid!r}={rec.proposal.value!r} at {tuple(rec.ballot)}")
+        if rec is not None and self.trace is not None:
+            how = " (counting acceptances lost to a wipe)" if rec.lost else ""
+            self.log(f"ORACLE {key!r} CHOSEN {rec.proposal.pid!r}={rec.proposal.value!r} at {tuple(rec.ballot)}{how}")
 
     # ---- network -----------------------------------------------------------------------------
 
@@ -682,6 +803,7 @@ def fmt_reply(r: Reply) -> str:
 
 
 __all__ = [
+    "AMNESIAC",
     "ChosenRecord",
     "Faults",
     "Host",
