@@ -7,14 +7,18 @@ even when the test fails).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -51,6 +55,55 @@ def wait_ping(port: int, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] 
             pass
         time.sleep(0.05)
     raise TimeoutError(f"node on port {port} did not answer PING within {timeout_s}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """End a process this test started, if it still runs: SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def reference_redis(workdir: Path, *extra: str) -> Iterator[int]:
+    """A real redis-server on a free loopback port (the reference replies are compared with);
+    skips the test when redis-server is not installed. Yields the port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed: cannot compare with the reference implementation")
+    port = free_ports(1)[0]
+    args = [exe, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    args += ["--protected-mode", "no", "--daemonize", "no", "--dir", str(workdir), *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ping(port, proc=proc)
+        yield port
+    finally:
+        stop_process(proc)
+
+
+def read_to_eof(sock: socket.socket, limit_s: float = 15.0, max_bytes: int = 64 << 20) -> bytes:
+    """Everything received until the server closes; fails after limit_s or max_bytes."""
+    buf = bytearray()
+    deadline = time.monotonic() + limit_s
+    while len(buf) <= max_bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"connection still open after {limit_s}s; received {bytes(buf[-200:])!r}")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(buf)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    raise AssertionError(f"more than {max_bytes} bytes received")
 
 
 @dataclass

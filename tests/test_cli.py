@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from .cluster import HOST, free_ports
+from .cluster import HOST, free_ports, stop_process
 
 RESPREG = [sys.executable, "-m", "respreg"]
 LIMIT_S = 30.0
@@ -94,14 +94,7 @@ def is_respreg_node(pid: int) -> bool:
     return b"respreg" in cmdline and b"serve" in cmdline
 
 
-def kill_by_pid(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+kill_by_pid = stop_process
 
 
 class LineReader:
@@ -301,7 +294,8 @@ def test_single_node_serves_as_soon_as_it_says_so(tmp_path: Path, started: list[
     assert proc.wait(timeout=LIMIT_S) == 0
     assert port_is_free(cfg.port)
     proc2, stderr2 = start_serve(Serve(tmp_path / "data", port=cfg.port, peer_port=cfg.peer_port), started)
-    assert "(incarnation 2," in stderr2.wait_for("serving clients")
+    first = int(line.split("(incarnation ", 1)[1].split(",", 1)[0])
+    assert f"(incarnation {first + 1}," in stderr2.wait_for("serving clients")
     r = redis.Redis(host=HOST, port=cfg.port, protocol=2, socket_timeout=LIMIT_S)
     assert r.get("solo") == b"1"
     r.close()

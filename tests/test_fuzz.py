@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from respreg.peer import handshake_mac
 from respreg.storage import META_NAME, NodeMeta
 
-from .cluster import HOST, Cluster, Node
+from .cluster import HOST, Cluster, Node, read_to_eof
 
 IO_LIMIT_S = 15.0
 #: A generous bound on a node's resident memory; an idle node uses about 30 MB.
@@ -72,25 +72,6 @@ def recv_exactly(sock: socket.socket, n: int, limit_s: float = IO_LIMIT_S) -> by
             raise AssertionError(f"connection closed after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
         buf += chunk
     return bytes(buf)
-
-
-def read_to_eof(sock: socket.socket, limit_s: float = IO_LIMIT_S, max_bytes: int = 64 << 20) -> bytes:
-    """Everything received until the server closes; fails after limit_s or max_bytes."""
-    buf = bytearray()
-    deadline = time.monotonic() + limit_s
-    while len(buf) <= max_bytes:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"connection still open after {limit_s}s; received {bytes(buf[-200:])!r}")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return bytes(buf)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-    raise AssertionError(f"more than {max_bytes} bytes received")
 
 
 def send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 
 from respreg.resp import ProtocolError, RequestParser, split_args
 
-from .cluster import HOST, Cluster, free_ports, wait_ping
+from .cluster import HOST, Cluster, read_to_eof, reference_redis
 
 # ---- helpers -----------------------------------------------------------------------------------
 
@@ -65,24 +64,6 @@ def recv_exactly(sock: socket.socket, n: int, limit_s: float = IO_LIMIT_S) -> by
             raise AssertionError(f"connection closed after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
         buf += chunk
     return bytes(buf)
-
-
-def read_to_eof(sock: socket.socket, limit_s: float = IO_LIMIT_S) -> bytes:
-    """Everything the peer sends until it closes (fails after limit_s)."""
-    buf = bytearray()
-    deadline = time.monotonic() + limit_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"connection still open after {limit_s}s; received {bytes(buf[-200:])!r}")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return bytes(buf)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
 
 
 def exchange(port: int, data: bytes, expected: bytes, closes: bool) -> tuple[bytes, bool]:
@@ -161,45 +142,8 @@ def max_bulk(shared: Cluster) -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, max_bulk: int) -> Iterator[int]:
     """The client port of a real redis-server with respreg's proto-max-bulk-len."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed: cannot compare replies with the reference implementation")
-    port = free_ports(1)[0]
-    workdir = tmp_path_factory.mktemp("redis-reference")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            HOST,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(workdir),
-            "--proto-max-bulk-len",
-            str(max_bulk),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_ping(port, proc=proc)
+    with reference_redis(tmp_path_factory.mktemp("redis-reference"), "--proto-max-bulk-len", str(max_bulk)) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---- the parser on its own ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import HOST, Cluster, free_ports, wait_ping
+from .cluster import HOST, Cluster, reference_redis
 
 REDIS_CLI = shutil.which("redis-cli")
 REDIS_BENCHMARK = shutil.which("redis-benchmark")
@@ -46,26 +46,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The client port of a real redis-server, to compare redis-cli's output with."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed: cannot compare with the reference implementation")
-    port = free_ports(1)[0]
-    workdir = tmp_path_factory.mktemp("redis-reference")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_ping(port, proc=proc)
+    with reference_redis(tmp_path_factory.mktemp("redis-reference")) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cli(port: int, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
