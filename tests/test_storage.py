@@ -455,11 +455,12 @@ def test_version_1_node_meta_is_read_and_keeps_voting(tmp_path: Path) -> None:
 
 
 def test_open_node_refuses_other_node_id(tmp_path: Path) -> None:
-    open_node(tmp_path, 1).close()
+    first = open_node(tmp_path, 1)
+    first.close()
     with pytest.raises(DataDirError, match="belongs to node 1"):
         open_node(tmp_path, 2)
     with open_node(tmp_path, 1) as info:  # the refused open released the lock
-        assert info.incarnation == 2
+        assert info.incarnation == first.incarnation + 1
 
 
 def test_open_node_refuses_concurrent_open(tmp_path: Path) -> None:
@@ -470,11 +471,12 @@ def test_open_node_refuses_concurrent_open(tmp_path: Path) -> None:
     finally:
         info.close()
     with open_node(tmp_path, 1) as again:
-        assert again.incarnation == 2  # the refused open did not bump it
+        assert again.incarnation == info.incarnation + 1  # the refused open did not bump it
 
 
 def test_open_node_refuses_corrupt_meta(tmp_path: Path) -> None:
-    open_node(tmp_path, 1).close()
+    first = open_node(tmp_path, 1)
+    first.close()
     meta_path = tmp_path / "node.meta"
     good = meta_path.read_bytes()
     damaged = [b"", good[:-1], good + b"x", b"junk" * 10]
@@ -490,7 +492,7 @@ def test_open_node_refuses_corrupt_meta(tmp_path: Path) -> None:
         assert meta_path.read_bytes() == data  # never silently reset
     meta_path.write_bytes(good)
     with open_node(tmp_path, 1) as node:
-        assert node.incarnation == 2
+        assert node.incarnation == first.incarnation + 1
 
 
 def test_open_node_refuses_regular_file(tmp_path: Path) -> None:
