@@ -396,12 +396,10 @@ def cmd_set(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
 
 
 def _read(c: ClientProtocol, key: bytes, fmt: Callable[[bytes | None], bytes]) -> bytes | Deferred:
+    """Start a linearizable read of a key this node does not know to be chosen (callers check)."""
     bad = _limit_error(c, key)
     if bad is not None:
         return bad
-    known = c.srv.chosen_value(key)
-    if known is not None:
-        return fmt(known)
 
     def done(outcome: Outcome) -> bytes:
         if isinstance(outcome, Chosen):
