@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -40,21 +41,23 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_ping(port: int, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ping(
+    port: int, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None, host: str = HOST
+) -> None:
     """Wait until a node answers PING on its client port (bounded)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"node on port {port} exited with code {proc.returncode}")
+            raise RuntimeError(f"node on {host}:{port} exited with code {proc.returncode}")
         try:
-            with socket.create_connection((HOST, port), timeout=0.5) as s:
+            with socket.create_connection((host, port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
         except OSError:
             pass
         time.sleep(0.05)
-    raise TimeoutError(f"node on port {port} did not answer PING within {timeout_s}s")
+    raise TimeoutError(f"node on {host}:{port} did not answer PING within {timeout_s}s")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
@@ -87,6 +90,27 @@ def reference_redis(workdir: Path, *extra: str) -> Iterator[int]:
         stop_process(proc)
 
 
+def multibulk(*args: bytes) -> bytes:
+    """A command as a RESP array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def recv_exactly(sock: socket.socket, n: int, limit_s: float = 15.0) -> bytes:
+    """Read exactly n bytes (fails on EOF or after limit_s)."""
+    buf = bytearray()
+    deadline = time.monotonic() + limit_s
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
+        sock.settimeout(left)
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise AssertionError(f"connection closed after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
+        buf += chunk
+    return bytes(buf)
+
+
 def read_to_eof(sock: socket.socket, limit_s: float = 15.0, max_bytes: int = 64 << 20) -> bytes:
     """Everything received until the server closes; fails after limit_s or max_bytes."""
     buf = bytearray()
@@ -104,6 +128,18 @@ def read_to_eof(sock: socket.socket, limit_s: float = 15.0, max_bytes: int = 64 
             return bytes(buf)
         buf += chunk
     raise AssertionError(f"more than {max_bytes} bytes received")
+
+
+@contextmanager
+def running(root: Path, **options: Any) -> Iterator[Cluster]:
+    """A started cluster (``Cluster(root, **options)``) with its peer links up; stopped after."""
+    c = Cluster(root, **options)
+    try:
+        c.start()
+        c.wait_peers()
+        yield c
+    finally:
+        c.close()
 
 
 @dataclass

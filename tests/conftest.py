@@ -6,22 +6,19 @@ from typing import Any
 
 import pytest
 
-from .cluster import Cluster
+from .cluster import Cluster, running
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A running 3-node cluster of separate processes, stopped by PID afterwards."""
-    c = Cluster(tmp_path)
-    try:
-        c.start()
-        c.wait_peers()
-        yield c
-    finally:
-        c.close()
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.logs())
+    with running(tmp_path) as c:
+        try:
+            yield c
+        finally:
+            rep = getattr(request.node, "rep_call", None)
+            if rep is not None and rep.failed:
+                print(c.logs())
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -32,7 +32,7 @@ import redis
 from respreg.peer import handshake_mac
 from respreg.storage import META_NAME, NodeMeta
 
-from .cluster import HOST, Cluster, Node
+from .cluster import HOST, Cluster, Node, multibulk
 
 SHIM_SOURCE = Path(__file__).parent / "fault_shim" / "eio.c"
 IO_LIMIT_S = 15.0
@@ -115,10 +115,6 @@ def write_round_robin(c: Cluster, prefix: str, count: int) -> dict[str, str]:
         assert reply == "OK", (node_id, key, reply)
         acked[key] = value
     return acked
-
-
-def multibulk(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 class PeerConn:

@@ -12,20 +12,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from .cluster import Cluster
+from .cluster import Cluster, running
 
 DEADLINE_MS = 2000
 
 
 @pytest.fixture
 def slow_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, deadline_ms=DEADLINE_MS)
-    try:
-        c.start()
-        c.wait_peers()
+    with running(tmp_path, deadline_ms=DEADLINE_MS) as c:
         yield c
-    finally:
-        c.close()
 
 
 class Load:

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from respreg.peer import handshake_mac
 from respreg.storage import META_NAME, NodeMeta
 
-from .cluster import HOST, Cluster, Node, read_to_eof
+from .cluster import HOST, Cluster, Node, multibulk, read_to_eof, recv_exactly, running
 
 IO_LIMIT_S = 15.0
 #: A generous bound on a node's resident memory; an idle node uses about 30 MB.
@@ -53,25 +53,6 @@ MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def multibulk(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-def recv_exactly(sock: socket.socket, n: int, limit_s: float = IO_LIMIT_S) -> bytes:
-    buf = bytearray()
-    deadline = time.monotonic() + limit_s
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
-        sock.settimeout(left)
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise AssertionError(f"connection closed after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
-        buf += chunk
-    return bytes(buf)
 
 
 def send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -217,13 +198,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     The descriptor limit is raised first so that the nodes (which inherit it) can hold thousands
     of connections."""
     raise_nofile(8192)
-    c = Cluster(tmp_path_factory.mktemp("fuzz-cluster"), deadline_ms=10_000)
-    try:
-        c.start()
-        c.wait_peers()
+    with running(tmp_path_factory.mktemp("fuzz-cluster"), deadline_ms=10_000) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture

@@ -23,15 +23,11 @@ from hypothesis import strategies as st
 
 from respreg.resp import ProtocolError, RequestParser, split_args
 
-from .cluster import HOST, Cluster, read_to_eof, reference_redis
+from .cluster import HOST, Cluster, multibulk, read_to_eof, recv_exactly, reference_redis, running
 
 # ---- helpers -----------------------------------------------------------------------------------
 
 IO_LIMIT_S = 15.0
-
-
-def multibulk(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def bulk(value: bytes) -> bytes:
@@ -48,22 +44,6 @@ def parse_all(data: bytes, parser: RequestParser | None = None) -> list[list[byt
             return out
         out.append(cmd)
     raise AssertionError("the parser kept returning commands")
-
-
-def recv_exactly(sock: socket.socket, n: int, limit_s: float = IO_LIMIT_S) -> bytes:
-    """Read exactly n bytes (fails on EOF or after limit_s)."""
-    buf = bytearray()
-    deadline = time.monotonic() + limit_s
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
-        sock.settimeout(left)
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise AssertionError(f"connection closed after {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
-        buf += chunk
-    return bytes(buf)
 
 
 def exchange(port: int, data: bytes, expected: bytes, closes: bool) -> tuple[bytes, bool]:
@@ -121,13 +101,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One 3-node cluster shared by the tests of this module that leave no state behind (each
     uses its own keys). Requests get 10 s before a NOQUORUM answer, so a busy machine does not
     turn a slow quorum into a wrong reply."""
-    c = Cluster(tmp_path_factory.mktemp("protocol-cluster"), deadline_ms=10_000)
-    try:
-        c.start()
-        c.wait_peers()
+    with running(tmp_path_factory.mktemp("protocol-cluster"), deadline_ms=10_000) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")

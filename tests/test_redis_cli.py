@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import HOST, Cluster, reference_redis
+from .cluster import HOST, Cluster, reference_redis, running
 
 REDIS_CLI = shutil.which("redis-cli")
 REDIS_BENCHMARK = shutil.which("redis-benchmark")
@@ -34,13 +34,8 @@ RUN_LIMIT_S = 60.0
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One 3-node cluster for this module; every test uses keys of its own."""
-    c = Cluster(tmp_path_factory.mktemp("redis-cli-cluster"), deadline_ms=10_000)
-    try:
-        c.start()
-        c.wait_peers()
+    with running(tmp_path_factory.mktemp("redis-cli-cluster"), deadline_ms=10_000) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")

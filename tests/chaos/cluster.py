@@ -10,10 +10,8 @@ of link i->j for every other member j, and its own real peer port for itself.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import redis
@@ -21,28 +19,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.chaos.proxy import Route
-from tests.cluster import Cluster, Node, free_ports
+from tests.cluster import Cluster, Node, free_ports, wait_ping
 
 
 def node_host(node_id: int) -> str:
     return f"127.0.0.{node_id}"
-
-
-def wait_ping_at(host: str, port: int, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until a node answers PING on ``host:port`` (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"node on {host}:{port} exited with code {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"node on {host}:{port} did not answer PING within {timeout_s}s")
 
 
 @dataclass
@@ -123,7 +104,7 @@ class ChaosCluster(Cluster):
                 n.proc = subprocess.Popen(self.command(n), stdout=log, stderr=log, start_new_session=True)
         if wait:
             for n in targets:
-                wait_ping_at(self.host(n.node_id), n.port, proc=n.proc)
+                wait_ping(n.port, proc=n.proc, host=self.host(n.node_id))
 
     def client(self, node_id: int, **kw: object) -> redis.Redis:
         n = self.node(node_id)
