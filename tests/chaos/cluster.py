@@ -4,11 +4,13 @@ Linux routes all of 127.0.0.0/8 through ``lo``, so no set-up is needed; each nod
 sockets and its outgoing peer connections carry its own address, which is what lets nftables
 rules tell the links between nodes apart. Optionally each node dials its peers through the
 fault-injecting proxy (:mod:`tests.chaos.proxy`): then node i's ``--peers`` names the proxy port
-of link i->j for every other member j, and its own real peer port for itself.
+of link i->j for every other member j, and its own real peer port for itself. A node may get
+extra environment variables (``node_env``; the disk faults preload their fsync library so).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +40,8 @@ class ChaosCluster(Cluster):
     #: (src, dst) -> port on dst's address where src reaches dst (a proxy port); missing: direct.
     via: dict[tuple[int, int], int] = field(default_factory=dict)
     log_level: str = "WARNING"
+    #: node id -> environment variables added to that node's process (same PID, no wrapper).
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= 250:
@@ -100,8 +104,10 @@ class ChaosCluster(Cluster):
         targets = [n for n in self.nodes if not which or n.node_id in which]
         for n in targets:
             assert not n.running(), f"node {n.node_id} already running"
+            extra = self.node_env.get(n.node_id)
+            env = {**os.environ, **extra} if extra else None
             with open(n.log_path, "ab") as log:
-                n.proc = subprocess.Popen(self.command(n), stdout=log, stderr=log, start_new_session=True)
+                n.proc = subprocess.Popen(self.command(n), stdout=log, stderr=log, start_new_session=True, env=env)
         if wait:
             for n in targets:
                 wait_ping(n.port, proc=n.proc, host=self.host(n.node_id))

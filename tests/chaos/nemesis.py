@@ -12,6 +12,20 @@ Network faults between peers only (test clients always reach every node):
   accepted-and-reset (reject), or a flapping link that is reset again and again; no root needed;
 - ``delay``: per-link latency through the proxy, up to well past respreg's peer timeout.
 
+Disk faults (:mod:`tests.chaos.disk`), on a minority of nodes or, sometimes, a majority:
+
+- ``fsync-eio``: every fsync under the node's data directory fails with EIO (an LD_PRELOAD
+  library; needs gcc); ``fsync-eio-dirs``: only directory fsyncs fail, so a state renamed into
+  place is not made durable and respreg stops voting (``acceptor:disk-failed``);
+- ``disk-full``: the node's data directory, on its own small tmpfs (needs root), is filled to the
+  last byte.
+
+When a disk fault ends the disk is repaired and the node checked: a node that stopped voting
+(``disk-failed``, it must be restarted on a healthy disk) or exited is restarted, as ``kill``
+restarts. A node killed while its disk is broken is started only once the disk works again (it
+could not write its ``node.meta`` before). A node with a broken disk counts as faulty in the
+availability figures, as a down node does.
+
 Clock faults are deliberately absent: respreg's protocol uses no wall-clock time. Its timers are
 the event loop's monotonic clock (``loop.time()``) and ``time.monotonic()``; ``time.time()``
 appears only in ``INFO``'s ``uptime_in_seconds``. Skewing or jumping the wall clock (for example
@@ -43,13 +57,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tests.chaos.cluster import ChaosCluster
+from tests.chaos.disk import DiskControl
 from tests.chaos.proxy import LinkControl
 
 PROCESS_FAULTS = ("kill", "pause", "restart-all")
 NETWORK_FAULTS = ("partition", "loss", "proxy-partition", "delay")
-ALL_FAULTS = PROCESS_FAULTS + NETWORK_FAULTS
+DISK_FAULTS = ("fsync-eio", "fsync-eio-dirs", "disk-full")
+ALL_FAULTS = PROCESS_FAULTS + NETWORK_FAULTS + DISK_FAULTS
 NFT_FAULTS = frozenset({"partition", "loss"})
 PROXY_FAULTS = frozenset({"proxy-partition", "delay"})
+SHIM_FAULTS = frozenset({"fsync-eio", "fsync-eio-dirs"})
+TMPFS_FAULTS = frozenset({"disk-full"})
 
 #: A link slower than this (one way) is counted as cut in the availability figures: a reply then
 #: takes longer than respreg's peer timeout allows for comfortably.
@@ -78,13 +96,16 @@ class Segment:
 
 class Topology:
     """What the faults currently do, to tell which nodes can reach a majority (themselves included)
-    of running, unpaused nodes over working links. Every change is appended to ``timeline``."""
+    of running, unpaused nodes with working disks over working links. Every change is appended to
+    ``timeline``."""
 
     def __init__(self, ids: Sequence[int], now: Callable[[], float] = time.monotonic) -> None:
         self.ids = tuple(ids)
         self.majority = len(self.ids) // 2 + 1
         self.down: Counter[int] = Counter()
         self.paused: Counter[int] = Counter()
+        #: nodes whose disk is broken (fsync EIO, full): faulty, like a down node
+        self.disk: Counter[int] = Counter()
         self.cut: Counter[Pair] = Counter()
         self.active: Counter[str] = Counter()
         self._now = now
@@ -92,7 +113,7 @@ class Topology:
         self.timeline: list[Segment] = [Segment(now(), frozenset(self.ids), "none")]
 
     def healthy(self) -> frozenset[int]:
-        up = [i for i in self.ids if not self.down[i] and not self.paused[i]]
+        up = [i for i in self.ids if not self.down[i] and not self.paused[i] and not self.disk[i]]
         out = set()
         for i in up:
             reach = 1 + sum(1 for j in up if j != i and not self.cut[pair(i, j)])
@@ -456,6 +477,53 @@ class Delay(Fault):
         self.n.topology.change(lambda t: t.cut.subtract(self.slow))
 
 
+class FsyncEio(Fault):
+    """fsync fails with EIO under the data directories of ``nodes`` (only for directories with
+    ``dirs_only``)."""
+
+    def __init__(self, nemesis: Nemesis, nodes: Sequence[int], dirs_only: bool) -> None:
+        super().__init__(nemesis)
+        self.nodes = list(nodes)
+        self.dirs_only = dirs_only
+        self.name = "fsync-eio-dirs" if dirs_only else "fsync-eio"
+        what = "directory fsyncs" if dirs_only else "fsyncs"
+        self.description = f"{what} fail with EIO on {self.nodes}"
+
+    def _apply(self) -> None:
+        disks = self.n.require_disks()
+        self.n.topology.change(lambda t: t.disk.update(self.nodes))
+        disks.break_fsync(self.nodes, self.dirs_only)
+
+    def _undo(self) -> None:
+        self.n.require_disks().repair_fsync(self.nodes, self.dirs_only)
+        try:
+            self.n.recover_disks(self.nodes)
+        finally:
+            self.n.topology.change(lambda t: t.disk.subtract(self.nodes))
+
+
+class DiskFull(Fault):
+    name = "disk-full"
+
+    def __init__(self, nemesis: Nemesis, nodes: Sequence[int]) -> None:
+        super().__init__(nemesis)
+        self.nodes = list(nodes)
+        self.description = f"fill the data disks of {self.nodes}"
+
+    def _apply(self) -> None:
+        disks = self.n.require_disks()
+        self.n.topology.change(lambda t: t.disk.update(self.nodes))
+        written = disks.fill(self.nodes)
+        self.description += " (" + ", ".join(f"n{i} +{b / (1 << 20):.0f} MiB" for i, b in sorted(written.items())) + ")"
+
+    def _undo(self) -> None:
+        self.n.require_disks().free(self.nodes)
+        try:
+            self.n.recover_disks(self.nodes)
+        finally:
+            self.n.topology.change(lambda t: t.disk.subtract(self.nodes))
+
+
 # ---- the nemesis ------------------------------------------------------------------------------------
 
 
@@ -473,9 +541,23 @@ class Nemesis:
     t0: float = field(default_factory=time.monotonic)
     #: The ways proxy partitions cut links, drawn uniformly.
     proxy_modes: tuple[ProxyMode, ...] = PROXY_MODES
+    disks: DiskControl | None = None
+    #: What the nemesis did beyond the faults themselves (restarts after disk faults, nodes that
+    #: exited by themselves), with times; also logged.
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.topology = Topology(self.cluster.ids)
+        self._killed: set[int] = set()
+        #: killed nodes whose restart waits until their disk works again
+        self._deferred: set[int] = set()
+        #: nodes whose disk was repaired and that were not checked since
+        self._suspect: set[int] = set()
+
+    def note(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.2f}s] {text}"
+        self.notes.append(line)
+        self.log(line)
 
     def kill(self, nodes: Sequence[int]) -> None:
         """kill -9 ``nodes``; behind the proxy, their links refuse connections first, as a dead
@@ -484,17 +566,87 @@ class Nemesis:
             for i in nodes:
                 self.proxy.set_down(i, True)
         for i in nodes:
+            self._killed.add(i)
             self.cluster.signal(i, signal.SIGKILL)
 
     def restart(self, nodes: Sequence[int]) -> None:
+        """Start those of ``nodes`` that do not run. A node whose disk is broken could not start
+        (it cannot write its node.meta): it stays down, and starts once its disk is repaired."""
         dead = [i for i in nodes if not self.cluster.node(i).running()]
+        for i in dead:
+            proc = self.cluster.node(i).proc
+            if i not in self._killed and i not in self._deferred and proc is not None:
+                self.note(f"node {i} had exited by itself (exit code {proc.returncode}); starting it")
+        blocked = [i for i in dead if self.disks is not None and self.disks.is_broken(i)]
+        waiting = [i for i in blocked if i not in self._deferred]
+        if waiting:
+            self._deferred.update(waiting)
+            self.topology.change(lambda t: t.down.update(waiting))
+            self.note(f"nodes {waiting} stay down until their disks are repaired")
+        start = [i for i in dead if i not in blocked]
         try:
-            if dead:
-                self.cluster.start(*dead)
+            if start:
+                self.cluster.start(*start)
         finally:
             if self.proxy is not None:
                 for i in nodes:
-                    self.proxy.set_down(i, False)
+                    if i not in blocked:
+                        self.proxy.set_down(i, False)
+        self._killed.difference_update(start)
+        waited = [i for i in start if i in self._deferred]
+        if waited:
+            self._deferred.difference_update(waited)
+            self.topology.change(lambda t: t.down.subtract(waited))
+
+    def recover_disks(self, nodes: Sequence[int]) -> None:
+        """After the disks of ``nodes`` were repaired: restart those that stopped voting or exited
+        (now, or once no other fault holds them down or paused)."""
+        self._suspect.update(nodes)
+        self._check_disks()
+
+    def _check_disks(self) -> None:
+        t = self.topology
+        for i in sorted(self._suspect | self._deferred):
+            if self.disks is not None and self.disks.is_broken(i):
+                continue
+            if i in self._deferred:
+                self.note(f"node {i}: its disk works again; starting it")
+                self.restart([i])
+            elif t.down[i] or t.paused[i]:
+                continue  # checked again when the fault holding it ends
+            elif not self.cluster.node(i).running():
+                self._bounce(i, kill=False)  # restart() notes that it exited by itself
+            else:
+                acceptor = self._acceptor(i)
+                if acceptor == "disk-failed":
+                    self.note(f"node {i} stopped voting after a failed fsync (acceptor:disk-failed); restarting it")
+                    self._bounce(i, kill=True)
+                elif acceptor is None:
+                    self.note(f"node {i} did not answer INFO after its disk was repaired; restarting it")
+                    self._bounce(i, kill=True)
+            self._suspect.discard(i)
+
+    def _bounce(self, node: int, kill: bool) -> None:
+        """(kill -9 and) start ``node``, counted down meanwhile."""
+        self.topology.change(lambda t: t.down.update([node]))
+        try:
+            if kill:
+                self.kill([node])
+            self.restart([node])
+        finally:
+            self.topology.change(lambda t: t.down.subtract([node]))
+
+    def _acceptor(self, node: int) -> str | None:
+        """The node's ``acceptor`` status from INFO paxos, or None if it does not answer."""
+        for attempt in range(3):
+            try:
+                with self.cluster.client(node, socket_timeout=5) as r:
+                    info = r.info("paxos")
+                return str(info.get("acceptor"))
+            except Exception:  # noqa: BLE001 - retried, then reported as no answer
+                if attempt < 2:
+                    time.sleep(0.5)
+        return None
 
     def require_nft(self) -> Nft:
         if self.nft is None:
@@ -505,6 +657,11 @@ class Nemesis:
         if self.proxy is None:
             raise RuntimeError("this fault needs the peers to run through the proxy")
         return self.proxy
+
+    def require_disks(self) -> DiskControl:
+        if self.disks is None:
+            raise RuntimeError("this fault needs the disk faults set up before the nodes start")
+        return self.disks
 
     def make(self, name: str, rng: random.Random) -> Fault:
         ids = self.cluster.ids
@@ -531,6 +688,10 @@ class Nemesis:
             every = [(a, b) for a in ids for b in ids if a != b]
             links = rng.sample(every, max(1, len(every) // 3))
             return Delay(self, links, delay_ms, "links " + ",".join(f"{a}->{b}" for a, b in sorted(links)))
+        if name in ("fsync-eio", "fsync-eio-dirs"):
+            return FsyncEio(self, _pick_nodes(ids, rng, majority_chance=0.15), dirs_only=name == "fsync-eio-dirs")
+        if name == "disk-full":
+            return DiskFull(self, _pick_nodes(ids, rng, majority_chance=0.15))
         raise ValueError(f"unknown fault {name!r}; known: {', '.join(ALL_FAULTS)}")
 
     def start(self, fault: Fault) -> None:
@@ -546,23 +707,28 @@ class Nemesis:
         self.topology.change(lambda t: t.active.subtract([fault.name]))
         if fault in self.active:
             self.active.remove(fault)
+        self._check_disks()  # a node this fault held down or paused may wait for its disk check
         now = time.monotonic()
         self.events.append(Event(now, "heal", fault.name, fault.description, affected))
         self.log(f"[{now - self.t0:7.2f}s] heal  {fault.name}: {fault.description}")
 
     def heal_all(self) -> None:
-        """Undo every active fault (newest first), then make sure every node runs and is not paused."""
+        """Undo every active fault (newest first), then make sure every node runs, is not paused,
+        has a working disk and votes."""
         errors: list[BaseException] = []
         for fault in reversed(list(self.active)):
             try:
                 self.stop(fault)
             except Exception as exc:  # noqa: BLE001 - keep healing the rest, re-raised below
                 errors.append(exc)
+        if self.disks is not None:
+            self.disks.repair_all()
         for n in self.cluster.nodes:
             if n.proc is not None and n.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(n.proc.pid, signal.SIGCONT)
         self.restart([n.node_id for n in self.cluster.nodes])
+        self._check_disks()
         if self.proxy is not None:
             self.proxy.heal()
         if errors:
@@ -580,11 +746,13 @@ def run_schedule(
     stop: threading.Event | None = None,
 ) -> None:
     """Apply faults chosen by ``rng`` from ``names`` until ``until`` (monotonic), one at a time or,
-    with ``mix_chance``, a process fault and a network fault together. Every fault is healed before
-    returning, also on errors."""
+    with ``mix_chance``, two of different kinds together (process, disk, network: started in that
+    order and healed in the reverse one, so a killed node is restarted after its disk works
+    again). Every fault is healed before returning, also on errors."""
     stop = stop or threading.Event()
     process = [n for n in names if n in PROCESS_FAULTS]
     network = [n for n in names if n in NETWORK_FAULTS]
+    disk = [n for n in names if n in DISK_FAULTS]
     try:
         while not stop.is_set():
             quiet = rng.uniform(*quiet_s)
@@ -594,7 +762,12 @@ def run_schedule(
             if stop.wait(quiet):
                 break
             picked = [rng.choice(list(names))]
-            if process and network and rng.random() < mix_chance:
+            if disk:
+                kinds = [k for k in (process, disk, network) if k]
+                if len(kinds) > 1 and rng.random() < mix_chance:
+                    first, second = sorted(rng.sample(range(len(kinds)), 2))
+                    picked = [rng.choice(kinds[first]), rng.choice(kinds[second])]
+            elif process and network and rng.random() < mix_chance:  # the schedules of runs before disk faults
                 picked = [rng.choice(process), rng.choice(network)]
             faults = [nemesis.make(name, rng) for name in picked]
             for i, f in enumerate(faults):

@@ -3,14 +3,16 @@
     python -m tests.chaos.run --nodes 3 --duration 300 --seed 7 --nemesis all --clients 16
 
 Starts the cluster (nodes on 127.0.0.1..N; peers through the fault proxy when a proxy fault is
-chosen), drives ``--clients`` concurrent redis-py clients, applies the faults the seed chooses,
+chosen; with the fsync faults every node preloads the fault library, with disk-full every data
+directory is on its own tmpfs), drives ``--clients`` concurrent redis-py clients, applies the faults the seed chooses,
 heals, waits until a write succeeds through every node, stops the clients, GETs every key on
 every node, and checks the whole history. Prints the seed first and a summary at the end; the
 exit code is 1 when there is any violation or the cluster did not recover.
 
 Every phase is bounded: the fault schedule by ``--duration``, each operation by the socket
 timeout (deadline + 3 s), recovery and final reads by ``--recover-timeout``. Processes, the
-proxy and nftables rules started here are ended in ``finally`` blocks, by PID / by table name.
+proxy, nftables rules and tmpfs mounts started here are ended in ``finally`` blocks, by PID / by
+table name / by mount point.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from pathlib import Path
 
 from tests.chaos.checker import Violation, check, check_final, summarize
 from tests.chaos.cluster import ChaosCluster
+from tests.chaos.disk import DiskControl, build_shim, shim_unavailable, tmpfs_size_mb, tmpfs_unavailable
 from tests.chaos.history import OP_KINDS, History, Op, Outcome
 from tests.chaos.nemesis import (
     ALL_FAULTS,
     NFT_FAULTS,
     PROXY_FAULTS,
     PROXY_MODES,
+    SHIM_FAULTS,
+    TMPFS_FAULTS,
     Event,
     Nemesis,
     Nft,
@@ -72,6 +77,8 @@ class RunConfig:
     #: Run the peers through the proxy even when no proxy fault is chosen.
     force_proxy: bool = False
     proxy_modes: tuple[ProxyMode, ...] = PROXY_MODES
+    #: Size of each node's tmpfs data directory when disk-full runs (None: by the duration).
+    tmpfs_mb: int | None = None
 
 
 @dataclass
@@ -94,6 +101,10 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
     #: node -> its outbound peer links that were up at the end, e.g. {2: True, 3: False}
     links_at_end: dict[int, dict[int, bool] | str] = field(default_factory=dict)
+    #: What the nemesis did beyond the faults (restarts after disk faults, nodes that exited).
+    notes: list[str] = field(default_factory=list)
+    #: node -> (used, size) bytes of its tmpfs data directory at the end (disk-full runs)
+    disk_usage: dict[int, tuple[int, int]] = field(default_factory=dict)
     summary: str = ""
 
     @property
@@ -280,6 +291,16 @@ def render_summary(result: RunResult, t0: float, avail: dict[str, list[Op]]) -> 
             links.append(f"n{node} {len(state) - len(down)}/{len(state)}" + (f" (down: {down})" if down else ""))
     if links:
         lines.append("outbound peer links up at the end: " + ", ".join(links))
+    if result.notes:
+        lines += ["", "beyond the faults, the nemesis:"] + [f"  {n}" for n in result.notes]
+    if result.disk_usage:
+        mib = 1 << 20
+        usage = sorted(result.disk_usage.items())
+        parts = [f"n{n} {used / mib:.1f} of {size / mib:.0f} MiB used" for n, (used, size) in usage]
+        lines.append("tmpfs data directories at the end: " + ", ".join(parts))
+        if any(used > 0.75 * size for _, (used, size) in usage):
+            lines.append("WARNING: a tmpfs is more than 75 % used by the nodes' own files; it may have filled up "
+                         "outside the schedule: give a larger --tmpfs-mb")  # fmt: skip
     verdict = "PASS" if result.ok else "FAIL"
     lines += ["", f"{verdict}: {len(result.violations)} violation(s), recovered: {'yes' if result.recovered else 'NO'}"
               f"; replay the fault schedule with --seed {cfg.seed}", "=" * 100]  # fmt: skip
@@ -312,14 +333,21 @@ def resolve_nemeses(names: Sequence[str], log: Callable[[str], None]) -> tuple[t
     if unknown:
         raise ValueError(f"unknown nemesis {', '.join(unknown)}; known: {', '.join(ALL_FAULTS)}, all")
     skipped: list[str] = []
-    if any(n in NFT_FAULTS for n in wanted):
-        reason = nft_unavailable()
-        if reason is not None:
-            dropped = [n for n in wanted if n in NFT_FAULTS]
-            skipped.append(f"{', '.join(dropped)}: {reason}")
-            log(f"SKIPPING {', '.join(dropped)}: {reason}")
-            wanted = [n for n in wanted if n not in NFT_FAULTS]
+    for group, unavailable in ((NFT_FAULTS, nft_unavailable), (SHIM_FAULTS, shim_unavailable),
+                               (TMPFS_FAULTS, tmpfs_unavailable)):  # fmt: skip
+        if any(n in group for n in wanted):
+            reason = unavailable()
+            if reason is not None:
+                wanted = _skip(wanted, group, reason, skipped, log)
     return tuple(dict.fromkeys(wanted)), skipped
+
+
+def _skip(wanted: list[str], group: frozenset[str], reason: str, skipped: list[str],
+          log: Callable[[str], None]) -> list[str]:  # fmt: skip
+    dropped = list(dict.fromkeys(n for n in wanted if n in group))
+    skipped.append(f"{', '.join(dropped)}: {reason}")
+    log(f"SKIPPING {', '.join(dropped)}: {reason}")
+    return [n for n in wanted if n not in group]
 
 
 def peer_links(cluster: ChaosCluster) -> dict[int, dict[int, bool] | str]:
@@ -343,6 +371,17 @@ def peer_links(cluster: ChaosCluster) -> dict[int, dict[int, bool] | str]:
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     log(f"chaos seed {cfg.seed} (replay the fault schedule: --seed {cfg.seed})")
     nemeses, skipped = resolve_nemeses(cfg.nemeses, log)
+    shim_dir: Path | None = None
+    shim: Path | None = None
+    if any(n in SHIM_FAULTS for n in nemeses):
+        shim_dir = Path(tempfile.mkdtemp(prefix="respreg-chaos-shim-"))
+        try:
+            shim = build_shim(shim_dir)
+        except RuntimeError as exc:
+            shutil.rmtree(shim_dir, ignore_errors=True)
+            shim_dir = None
+            nemeses = tuple(_skip(list(nemeses), SHIM_FAULTS, f"cannot build the fsync fault library: {exc}",
+                                  skipped, log))  # fmt: skip
     cfg.nemeses = nemeses
     rng = random.Random(cfg.seed)
     own_root = cfg.root is None
@@ -351,10 +390,18 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     cluster = ChaosCluster(root, size=cfg.nodes, deadline_ms=cfg.deadline_ms)
     proxy: LinkControl | None = None
     nft: Nft | None = None
+    disks: DiskControl | None = None
     workload: Workload | None = None
     history = History()
     failed = True
     try:
+        if shim is not None or any(n in TMPFS_FAULTS for n in nemeses):
+            tmpfs = any(n in TMPFS_FAULTS for n in nemeses)
+            tmpfs_mb = cfg.tmpfs_mb or tmpfs_size_mb(cfg.duration_s)
+            disks = DiskControl(cluster, root / "disk-faults", shim, tmpfs, tmpfs_mb)
+            if tmpfs:
+                log(f"data directories on tmpfs, {tmpfs_mb} MiB each")
+            disks.prepare()
         if cfg.force_proxy or any(n in PROXY_FAULTS for n in nemeses):
             with open(root / "proxy.log", "ab") as plog:
                 proxy = ProxyProcess(cluster.routes(), log=plog)
@@ -375,7 +422,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         timeout_s = cfg.deadline_ms / 1000 + 3
         prefix = f"s{cfg.seed}-{int(time.time())}:"
         workload = Workload(endpoints, history, cfg.seed, cfg.clients, timeout_s, Keyspace(prefix=prefix))
-        nemesis = Nemesis(cluster, proxy, nft, log=log, proxy_modes=cfg.proxy_modes)
+        nemesis = Nemesis(cluster, proxy, nft, log=log, proxy_modes=cfg.proxy_modes, disks=disks)
         t0 = nemesis.t0
         workload.start()
         stop = threading.Event()
@@ -405,8 +452,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         violations = check(ops) + check_final(final, ops)
         events = list(nemesis.events)
         result = RunResult(
-            cfg, history, violations, events, recoveries(ops, events), final_recovery, len(keys), skipped, links_at_end
-        )
+            cfg, history, violations, events, recoveries(ops, events), final_recovery, len(keys), skipped, links_at_end,
+            list(nemesis.notes), disks.usage() if disks is not None else {},
+        )  # fmt: skip
         work = [o for o in ops if o.client.startswith("c")]
         avail = availability(work, nemesis.topology.timeline, cluster.ids, end)
         result.summary = render_summary(result, t0, avail)
@@ -422,17 +470,26 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             if nft is not None:
                 nft.close()
         finally:
-            cluster.close()
-            if proxy is not None:
-                proxy.close()
-            if failed:
-                logs = cluster.logs()
-                if logs.strip():
-                    log("node logs (tails):\n" + logs[-6000:])
-            if own_root and not cfg.keep and not failed:
-                shutil.rmtree(root, ignore_errors=True)
-            elif own_root:
-                log(f"data directories and logs kept in {root}")
+            try:
+                cluster.close()
+                if proxy is not None:
+                    proxy.close()
+            finally:
+                # Only once the nodes stopped: a mount still in use is unmounted lazily.
+                try:
+                    if disks is not None:
+                        disks.close(keep_data_in=root if failed else None)
+                finally:
+                    if shim_dir is not None:
+                        shutil.rmtree(shim_dir, ignore_errors=True)
+                    if failed:
+                        logs = cluster.logs()
+                        if logs.strip():
+                            log("node logs (tails):\n" + logs[-6000:])
+                    if own_root and not cfg.keep and not failed:
+                        shutil.rmtree(root, ignore_errors=True)
+                    elif own_root:
+                        log(f"data directories and logs kept in {root}")
 
 
 def parse_modes(text: str) -> tuple[ProxyMode, ...]:
@@ -467,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--proxy", action="store_true", help="route peers through the proxy even without proxy faults")
     p.add_argument("--proxy-modes", default=",".join(PROXY_MODES),
                    help="how proxy partitions cut links, drawn uniformly (default: all of them)")  # fmt: skip
+    p.add_argument("--tmpfs-mb", type=int, default=None,
+                   help="size of each node's tmpfs data directory with disk-full (default: by --duration, "
+                        "128 + 4 * (duration + 60), rounded up to 64)")  # fmt: skip
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     cfg = RunConfig(
@@ -485,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         history_out=args.history_out,
         force_proxy=args.proxy,
         proxy_modes=parse_modes(args.proxy_modes),
+        tmpfs_mb=args.tmpfs_mb,
     )
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the finally blocks that undo every fault

@@ -1,11 +1,13 @@
 /*
  * LD_PRELOAD shim for the disk-fault tests: makes fsync(2) and fdatasync(2) fail with EIO.
  *
- * A call fails only when all of these hold:
+ * A call fails only when the descriptor's path (readlink of /proc/self/fd/N) contains
+ * RESPREG_FAIL_FSYNC_PATH and one of these holds:
  *   - the file named by RESPREG_FAIL_FSYNC_TRIGGER exists (so a process can start normally and
- *     the test "breaks the disk" later by creating that file, and repairs it by removing it);
- *   - the descriptor's path (readlink of /proc/self/fd/N) contains RESPREG_FAIL_FSYNC_PATH;
- *   - RESPREG_FAIL_FSYNC_DIRS_ONLY is unset or "0", or the descriptor is a directory.
+ *     the test "breaks the disk" later by creating that file, and repairs it by removing it),
+ *     and RESPREG_FAIL_FSYNC_DIRS_ONLY is unset or "0", or the descriptor is a directory;
+ *   - the file named by RESPREG_FAIL_FSYNC_DIRS_TRIGGER (optional) exists and the descriptor is
+ *     a directory (so one process can have its files' or only its directories' fsyncs broken).
  * Every other call goes to the real function. Nothing is written anywhere by the shim.
  */
 #define _GNU_SOURCE
@@ -19,19 +21,32 @@
 
 typedef int (*sync_fn)(int);
 
+static int exists(const char *path)
+{
+    return path != NULL && path[0] != '\0' && access(path, F_OK) == 0;
+}
+
+static int is_dir(int fd)
+{
+    struct stat st;
+
+    return fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 static int should_fail(int fd)
 {
-    const char *trigger = getenv("RESPREG_FAIL_FSYNC_TRIGGER");
     const char *needle = getenv("RESPREG_FAIL_FSYNC_PATH");
     const char *dirs_only = getenv("RESPREG_FAIL_FSYNC_DIRS_ONLY");
+    int all_broken, dirs_broken;
     char link[64];
     char target[4096];
     ssize_t n;
-    struct stat st;
 
-    if (trigger == NULL || needle == NULL || needle[0] == '\0')
+    if (needle == NULL || needle[0] == '\0')
         return 0;
-    if (access(trigger, F_OK) != 0)
+    all_broken = exists(getenv("RESPREG_FAIL_FSYNC_TRIGGER"));
+    dirs_broken = exists(getenv("RESPREG_FAIL_FSYNC_DIRS_TRIGGER"));
+    if (!all_broken && !dirs_broken)
         return 0;
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     n = readlink(link, target, sizeof target - 1);
@@ -40,11 +55,9 @@ static int should_fail(int fd)
     target[n] = '\0';
     if (strstr(target, needle) == NULL)
         return 0;
-    if (dirs_only != NULL && strcmp(dirs_only, "0") != 0) {
-        if (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode))
-            return 0;
-    }
-    return 1;
+    if (all_broken && (dirs_only == NULL || strcmp(dirs_only, "0") == 0))
+        return 1;
+    return is_dir(fd);
 }
 
 static int call_real(const char *name, int fd)
