@@ -6,23 +6,29 @@ succeeds through every node afterwards. Availability and recovery figures are pr
 pytest with ``-s`` to see them), never asserted: they depend on the machine.
 
 Set ``CHAOS_SEED`` to replay other fault schedules than the fixed ones.
+
+The disk faults (fsync EIO through an LD_PRELOAD library, full tmpfs data directories) need gcc
+and root; without them their tests skip and say which is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.chaos.nemesis import Nft, nft_unavailable
+from tests.chaos.cluster import ChaosCluster
+from tests.chaos.disk import DiskControl, build_shim, shim_unavailable, tmpfs_unavailable
+from tests.chaos.nemesis import DISK_FAULTS, FsyncEio, Kill, Nemesis, Nft, nft_unavailable
 from tests.chaos.proxy import ProxyThread, Route
 from tests.chaos.run import RunConfig, run
 from tests.cluster import free_ports
@@ -66,6 +72,134 @@ def test_chaos_short(name: str, tmp_path: Path) -> None:
     assert any(e.what == "heal" for e in result.events), "no fault was applied"
     assert result.violations == [], result.summary
     assert result.recovered, "no write succeeded through some node after healing:\n" + result.summary
+
+
+# ---- disk faults in the chaos runs ---------------------------------------------------------------------
+
+#: With the default seed (2008) this schedule breaks disks together with kills of the same and of
+#: other nodes (a majority once), with proxy partitions, and on their own.
+DISK_RUN = ("kill", "proxy-partition", "fsync-eio", "fsync-eio-dirs", "disk-full")
+
+
+@pytest.mark.timeout(300)
+def test_chaos_disk_faults_mixed(tmp_path: Path) -> None:
+    missing = [r for r in (shim_unavailable(), tmpfs_unavailable()) if r is not None]
+    if missing:
+        pytest.skip("; ".join(missing))
+    seed = int(os.environ.get("CHAOS_SEED", "0")) or 2008
+    cfg = RunConfig(
+        nodes=3,
+        duration_s=22.0,
+        seed=seed,
+        nemeses=DISK_RUN,
+        clients=16,
+        deadline_ms=2000,
+        hold_s=(1.5, 3.0),
+        quiet_s=(0.3, 0.8),
+        mix_chance=0.5,
+        warmup_s=1.0,
+        recover_timeout_s=30.0,
+        root=tmp_path,
+    )
+    try:
+        result = run(cfg, log=lambda s: print(s, flush=True))
+    finally:
+        # Every tmpfs the run mounted is gone, whatever happened.
+        mounts = Path("/proc/mounts").read_text()
+        assert str(tmp_path) not in mounts, [m for m in mounts.splitlines() if str(tmp_path) in m]
+    print(result.summary)
+    assert result.skipped == [], result.skipped
+    applied = {e.fault for e in result.events if e.what == "heal"}
+    assert applied & set(DISK_FAULTS), f"seed {seed} broke no disk in {cfg.duration_s:.0f} s: {sorted(applied)}"
+    assert result.violations == [], result.summary
+    assert result.recovered, "no write succeeded through some node after healing:\n" + result.summary
+
+
+def info(cluster: ChaosCluster, node: int, section: str) -> dict[str, object]:
+    with cluster.client(node) as r:
+        data = r.info(section)
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_for(condition: Callable[[], bool], what: str, tries: int = 200) -> None:
+    """Poll ``condition`` every 50 ms; fail after ``tries`` polls (a bound against hangs only)."""
+    for _ in range(tries):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _key_in_same_directory(key: bytes, prefix: str) -> bytes:
+    """A new key whose state file lives in the same leaf directory as ``key``'s (the layout of
+    ``respreg.storage.KeyFiles.path_for``: blake2b-128 hex, two levels of two characters)."""
+    want = hashlib.blake2b(key, digest_size=16).hexdigest()[:4]
+    for i in range(1 << 24):
+        candidate = f"{prefix}{i}".encode()
+        if hashlib.blake2b(candidate, digest_size=16).hexdigest()[:4] == want:
+            return candidate
+    raise AssertionError("no key found")
+
+
+@pytest.mark.timeout(180)
+def test_disk_nemesis_restarts_nodes_that_need_it(tmp_path: Path) -> None:
+    """The two restarts the disk faults may need, made to happen: a node that stopped voting after
+    a directory fsync failed is restarted when its disk is repaired, and a node killed while its
+    disk is broken stays down until then (it could not write its node.meta) and is started after."""
+    reason = shim_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "cluster").mkdir()
+    cluster = ChaosCluster(tmp_path / "cluster", size=3)
+    disks = DiskControl(cluster, tmp_path / "faults", build_shim(tmp_path / "shim"), tmpfs=False)
+    disks.prepare()
+    try:
+        cluster.start()
+        cluster.wait_peers()
+        nemesis = Nemesis(cluster, disks=disks, log=lambda s: print(s, flush=True))
+        with cluster.client(1) as r:
+            assert r.execute_command("SETONCE", "d:first", "1") in (b"OK", True)
+        # Node 3 stored a state of that key (so it knows the key's leaf directory).
+        wait_for(lambda: str(info(cluster, 3, "persistence")["group_commit_writes"]) != "0", "node 3 to store a state")
+
+        # Only directory fsyncs fail on node 3. A key whose leaf directory node 3 already knows:
+        # its state is renamed into place there, then the directory fsync fails.
+        eio = FsyncEio(nemesis, [3], dirs_only=True)
+        nemesis.start(eio)
+        assert frozenset({1, 2}) == nemesis.topology.healthy()
+        key = _key_in_same_directory(b"d:first", "d:next:")
+        with cluster.client(1) as r:
+            assert r.execute_command("SETONCE", key, "2") in (b"OK", True)  # nodes 1 and 2 suffice
+        wait_for(lambda: info(cluster, 3, "paxos")["acceptor"] == "disk-failed", "node 3 to stop voting")
+        pid = cluster.node(3).pid
+        nemesis.stop(eio)
+        assert cluster.node(3).running() and cluster.node(3).pid != pid
+        assert any("disk-failed" in n for n in nemesis.notes), nemesis.notes
+        with cluster.client(3) as r:
+            assert r.info("paxos")["acceptor"] == "voting"
+            assert r.get(key) == b"2"
+
+        # Killed, then its disk breaks: the kill's restart waits for the disk.
+        kill = Kill(nemesis, [3])
+        nemesis.start(kill)
+        broken = FsyncEio(nemesis, [3], dirs_only=False)
+        nemesis.start(broken)
+        nemesis.stop(kill)
+        assert not cluster.node(3).running()
+        assert 3 not in nemesis.topology.healthy()
+        nemesis.stop(broken)
+        assert cluster.node(3).running()
+        assert nemesis.topology.healthy() == frozenset({1, 2, 3})
+        cluster.wait_peers()
+        with cluster.client(3) as r:
+            assert r.execute_command("SETONCE", "d:after", "3") in (b"OK", True)
+            assert r.info("paxos")["acceptor"] == "voting"
+        nemesis.heal_all()
+    finally:
+        cluster.close()
+        disks.close()
 
 
 # ---- the proxy on its own ----------------------------------------------------------------------------
