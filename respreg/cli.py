@@ -38,6 +38,12 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-key-bytes", type=int, default=64 * 1024, help="longest key accepted (default 65536)")
     p.add_argument("--max-value-bytes", type=int, default=1024 * 1024, help="longest value accepted (default 1048576)")
     p.add_argument("--maxclients", type=int, default=10000, help="client connections accepted at once (default 10000)")
+    p.add_argument(
+        "--fast-writes",
+        default="yes",
+        choices=["yes", "no"],
+        help="write the keys a node owns in one round trip (default yes; see docs/design.md)",
+    )
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -80,6 +86,7 @@ def serve(argv: Sequence[str]) -> int:
             max_key_bytes=args.max_key_bytes,
             max_value_bytes=args.max_value_bytes,
             maxclients=args.maxclients,
+            fast_writes=args.fast_writes == "yes",
         )
         config.validate()
     except ConfigError as exc:
@@ -181,6 +188,8 @@ def cluster(argv: Sequence[str]) -> int:
             str(args.max_value_bytes),
             "--maxclients",
             str(args.maxclients),
+            "--fast-writes",
+            args.fast_writes,
             "--log-level",
             args.log_level,
         ]

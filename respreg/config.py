@@ -43,6 +43,8 @@ class ServerConfig:
     chosen_cache_keys: int = 1_000_000
     chosen_cache_bytes: int = 256 * 1024 * 1024
     fsync_threads: int = 8
+    #: Owners write their keys in one round trip at the reserved round 0 (docs/design.md).
+    fast_writes: bool = True
 
     def peer(self, node_id: int) -> PeerAddress:
         for p in self.peers:

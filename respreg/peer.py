@@ -18,6 +18,7 @@ Wire format (every field a bulk string on the request side)::
     PX <req> A <key> <round> <node> <inc> <pid> <value>   accept
     PX <req> R <key>                               read
     PX 0 L <key> <pid> <value>                     learn (no reply)
+    PX <req> W <key> <pid> <value> <deadline-ms>   a SETONCE forwarded to the key's owner
     PEER.DUMP <req> <cursor>                       durable states after file name <cursor>, for
                                                    rebuilding an amnesiac member (see server.py)
     PEER.IDENTITY                                  the sender was rebuilt: remember the identity
@@ -28,6 +29,7 @@ Wire format (every field a bulk string on the request side)::
            [req, "N", round, node, inc, promised-round, promised-node, promised-inc]
            [req, "S", acc-round, acc-node, acc-inc, pid|nil, value|nil, chosen]
            [req, "X", reason]
+           [req, "W", CHOSEN|NOQUORUM|UNCERTAIN, pid|nil, value|nil, reason]
            [req, "D", next-cursor|nil, name, key, p-round, p-node, p-inc, a-round, a-node, a-inc,
             pid|nil, value|nil, name, key, ...]
 """
@@ -55,12 +57,14 @@ from .core.types import (
     Prepare,
     Promise,
     Proposal,
+    Propose,
     Read,
     Refused,
     Reply,
     Request,
     State,
     Unreachable,
+    Written,
 )
 from .resp import ProtocolError, RequestParser, bulk, error
 
@@ -93,6 +97,8 @@ def encode_request(req_id: int, msg: Request) -> bytes:
         return _cmd(b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value)
     if isinstance(msg, Read):
         return _cmd(b"PX", rid, b"R", msg.key)
+    if isinstance(msg, Propose):
+        return _cmd(b"PX", rid, b"W", msg.key, msg.proposal.pid, msg.proposal.value, b"%d" % msg.deadline_ms)
     return _cmd(b"PX", b"0", b"L", msg.key, msg.proposal.pid, msg.proposal.value)
 
 
@@ -128,6 +134,11 @@ def decode_request(args: list[bytes]) -> tuple[int, Request]:
         return req_id, Read(key)
     if kind == b"L" and len(args) == 5:
         return req_id, Learn(key, Proposal(args[3], args[4]))
+    if kind == b"W" and len(args) == 6:
+        deadline = _i64(args[5])
+        if not 0 < deadline <= 3_600_000:
+            raise ValueError("deadline out of range")
+        return req_id, Propose(key, Proposal(args[3], args[4]), deadline)
     raise ValueError("malformed PX request")
 
 
@@ -166,6 +177,15 @@ def encode_reply(req_id: int, reply: Reply) -> bytes:
             + _opt(reply.proposal)
             + (b":1\r\n" if reply.chosen else b":0\r\n")
         )
+    if isinstance(reply, Written):
+        return (
+            b"*6\r\n"
+            + head
+            + b"$1\r\nW\r\n"
+            + bulk(reply.kind.encode())
+            + _opt(reply.proposal)
+            + bulk(reply.reason.encode("utf-8", "replace"))
+        )
     reason = reply.reason if isinstance(reply, Refused) else "unreachable"
     return b"*3\r\n" + head + b"$1\r\nX\r\n" + bulk(reason.encode("utf-8", "replace"))
 
@@ -193,6 +213,12 @@ def decode_reply(r: list[object]) -> tuple[int, Reply]:
         return req_id, Nack(Ballot(*ints[0:3]), Ballot(*ints[3:6]))  # type: ignore[arg-type]
     if kind == b"S":
         return req_id, State(Ballot(*ints[0:3]), _proposal(r[5], r[6]), r[7] == 1)  # type: ignore[arg-type]
+    if kind == b"W":
+        outcome, reason = r[2], r[5]
+        assert isinstance(outcome, bytes) and isinstance(reason, bytes)
+        if outcome not in (b"CHOSEN", b"NOQUORUM", b"UNCERTAIN"):
+            raise ValueError(f"unknown write outcome {outcome!r}")
+        return req_id, Written(outcome.decode(), _proposal(r[3], r[4]), reason.decode("utf-8", "replace"))
     if kind == b"X":
         reason = r[2]
         assert isinstance(reason, bytes)

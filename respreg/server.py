@@ -37,7 +37,9 @@ from .peer import PeerLink, PeerServerProtocol
 from .storage import (
     AMNESIAC,
     JOINING,
+    REBUILT,
     VOTING,
+    VOTING_STATUSES,
     DurabilityError,
     GroupCommitter,
     KeyFiles,
@@ -140,6 +142,7 @@ class NodeServer:
             state_cache_keys=cfg.state_cache_keys,
             chosen_cache_keys=cfg.chosen_cache_keys,
             chosen_cache_bytes=cfg.chosen_cache_bytes,
+            fast_writes=cfg.fast_writes,
         )
         rng = random.Random(os.urandom(16))
         self.core = NodeCore(
@@ -248,7 +251,7 @@ class NodeServer:
     def _on_hello(self, peer: NodeId, remembered: bytes | None) -> None:
         """The answer of a peer to our handshake: whether it knew this node under another identity."""
         if remembered is not None:
-            if self.status == VOTING and self._rebuilt_identity_ok():
+            if self.status in VOTING_STATUSES and self._rebuilt_identity_ok():
                 # This directory voted (or was rebuilt) under its identity: the peer's memory is
                 # older than our rebuild. Tell it to remember the identity it just saw.
                 self.links[peer].announce_identity()
@@ -336,7 +339,9 @@ class NodeServer:
                 [s.peer for s in sources],
                 repaired,
             )
-            self._set_status(VOTING)
+            # REBUILT, not VOTING: messages of this node id's earlier life may still be in
+            # flight, so it must never again write at the reserved round 0 (docs/design.md).
+            self._set_status(REBUILT)
             for link in self.links.values():
                 link.announce_identity()
 
@@ -392,9 +397,11 @@ class NodeServer:
 
     def _apply_status(self) -> None:
         assert self.core is not None
+        # Only a directory that never lost its state may write at round 0: VOTING, never REBUILT.
+        self.core.fast_writes = self.config.fast_writes and self.status == VOTING and self._disk_failed is None
         if self._disk_failed is not None:
             self.core.set_voting(self._disk_failed)
-        elif self.status == VOTING:
+        elif self.status in VOTING_STATUSES:
             self.core.set_voting(None)
         elif self.status == JOINING:
             self.core.set_voting("new data directory: not voting until every member has confirmed it")
@@ -406,7 +413,7 @@ class NodeServer:
     def status_name(self) -> str:
         if self._disk_failed is not None:
             return "disk-failed"
-        return {VOTING: "voting", JOINING: "joining", AMNESIAC: "amnesiac"}[self.status]
+        return {VOTING: "voting", JOINING: "joining", AMNESIAC: "amnesiac", REBUILT: "voting"}[self.status]
 
     def _load(self, key: bytes) -> AcceptorState:
         assert self._files is not None
@@ -439,6 +446,8 @@ class NodeServer:
         op_id = self._new_op()
         pid = struct.pack(">HQQ", self.me, self.incarnation, op_id)
         fut = self._ops[op_id]
+        for nid, link in self.links.items():
+            self.core.set_peer_up(nid, link.up)
         self._apply(self.core.begin_write(op_id, key, Proposal(pid, value), deadline_ms))
         return fut, pid
 
@@ -508,7 +517,10 @@ class NodeServer:
                 self.committer.submit(e.key, e.state, partial(self._persisted, e.key, e.version))
             elif isinstance(e, OpTimer):
                 handle = loop.call_later(e.delay_ms / 1000, self._timer, e.op_id, e.token)
-                self._timers.setdefault(e.op_id, []).append(handle)
+                if e.op_id >= 0:
+                    # Negative ids are the core's own operations (forwarded writes it runs for
+                    # another node): they end without an OpDone, and their timers just expire.
+                    self._timers.setdefault(e.op_id, []).append(handle)
             elif isinstance(e, OpDone):
                 for h in self._timers.pop(e.op_id, ()):
                     h.cancel()
@@ -533,6 +545,7 @@ class NodeServer:
             "node_id": self.config.node_id,
             "incarnation": self.incarnation,
             "acceptor": self.status_name(),
+            "fast_path": "yes" if self.core.fast_writes else "no",
             "cluster_size": len(self.config.peers),
             "quorum": len(self.config.peers) // 2 + 1,
             "peers_up": self.peers_up(),

@@ -58,7 +58,7 @@ node.meta format (version 2; version 1 is still read)
 ------------------------------------------------------
 42 bytes: magic ``b"RNOD"``, version byte ``2``, node id (signed 64-bit), incarnation
 (signed 64-bit), identity (16 random bytes chosen when the directory is created), acceptor
-status (1 byte: voting, joining, amnesiac), CRC-32 of the preceding 38 bytes (unsigned 32-bit).
+status (1 byte: 0 voting, 1 joining, 2 amnesiac, 3 rebuilt), CRC-32 of the preceding 38 bytes (unsigned 32-bit).
 Version 1 (25 bytes) lacks identity and status. Written with the same temp-file / fsync /
 rename / fsync-directory discipline. The incarnation is incremented on every start so that
 ballots of a restarted node never repeat ballots of an earlier life; a new directory starts at
@@ -620,6 +620,9 @@ _META_VERSION = 2
 VOTING = 0  # a full acceptor
 JOINING = 1  # a new data directory: votes once every other member confirmed it never knew another
 AMNESIAC = 2  # a member remembers another identity for this node id: its state was lost; never votes
+REBUILT = 3  # voting again after a rebuild from a majority; never writes at the reserved round 0
+#: The statuses whose acceptor votes.
+VOTING_STATUSES = (VOTING, REBUILT)
 
 
 @dataclass(frozen=True)
@@ -657,7 +660,7 @@ class NodeMeta:
             raise ValueError("checksum mismatch")
         if version == 1:
             return cls(node_id=fields[2], incarnation=fields[3])
-        if fields[5] not in (VOTING, JOINING, AMNESIAC):
+        if fields[5] not in (VOTING, JOINING, AMNESIAC, REBUILT):
             raise ValueError(f"unknown status {fields[5]}")
         return cls(node_id=fields[2], incarnation=fields[3], identity=fields[4], status=fields[5])
 

@@ -23,19 +23,38 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from . import acceptor
-from .proposer import Chosen, Done, Effect, Empty, Failed, Outcome, Proposer, ProposerConfig, Send, SetTimer
+from .proposer import (
+    DEADLINE_TOKEN,
+    Chosen,
+    Done,
+    Effect,
+    Empty,
+    Failed,
+    Failure,
+    Outcome,
+    Proposer,
+    ProposerConfig,
+    Send,
+    SetTimer,
+)
 from .types import (
+    EMPTY_STATE,
+    FAST_ROUND,
     Accept,
     AcceptorState,
+    Ballot,
     Learn,
     Nack,
     NodeId,
     Prepare,
     Proposal,
+    Propose,
     Read,
     Refused,
     Reply,
     Request,
+    Written,
+    owner_of,
 )
 
 __all__ = [
@@ -106,18 +125,39 @@ class NodeConfig:
     #: Chosen proposals remembered for local reads, bounded by count and by bytes.
     chosen_cache_keys: int = 1_000_000
     chosen_cache_bytes: int = 128 * 1024 * 1024
+    #: Let this node write the keys it owns in one round trip at the reserved round 0 (see
+    #: docs/design.md). The driver may switch it off at run time through ``NodeCore.fast_writes``.
+    fast_writes: bool = False
+
+
+#: Timer token of a forwarded write that waited too long for the owner's answer.
+FORWARD_TOKEN = -2
+#: Forwarded writes remembered to drop duplicates. TCP never duplicates a request; a network
+#: that does (the simulator's) repeats one within a few delays, far fewer requests than this.
+PROPOSES_REMEMBERED = 65_536
+
+
+@dataclass(slots=True)
+class _Forward:
+    """A SETONCE this node forwarded to the key's owner (see NodeCore._forward)."""
+
+    key: bytes
+    proposal: Proposal
+    deadline_ms: float
 
 
 class _Slot:
     """A key's acceptor as this node holds it: state, versions, and replies waiting for fsync."""
 
-    __slots__ = ("state", "version", "durable", "waiting")
+    __slots__ = ("state", "version", "durable", "waiting", "held")
 
     def __init__(self, state: AcceptorState, version: int) -> None:
         self.state = state
         self.version = version
         self.durable = version
         self.waiting: list[tuple[int, NodeId, int, Reply]] = []
+        #: Sends of a fast write, held until this node's own accept (that version) is durable.
+        self.held: list[tuple[int, int, list[Send]]] = []
 
 
 class NodeCore:
@@ -151,6 +191,20 @@ class NodeCore:
         self._next_req = 1
         #: None while this node's acceptor votes; otherwise why it refuses to (see set_voting).
         self.not_voting: str | None = None
+        #: Whether writes of owned keys may take the one-round-trip path. The driver clears it
+        #: for good on a node whose acceptor state was ever lost and rebuilt (docs/design.md).
+        self.fast_writes = self.config.fast_writes
+        #: Forward SETONCEs of keys owned by another node to it (static: what the cluster runs).
+        self.forward_writes = self.config.fast_writes
+        self._forwards: dict[int, _Forward] = {}
+        #: Operations run on behalf of another node (a forwarded write): op id -> (node, req id).
+        #: Their ids are negative, so they never collide with the driver's.
+        self._remote_ops: dict[int, tuple[NodeId, int]] = {}
+        self._next_internal = -1
+        #: Recent forwarded writes by (sender, request id): a duplicated request must not start
+        #: a second operation, whose sends could contradict a NOQUORUM answer to the first.
+        self._proposes_seen: OrderedDict[tuple[NodeId, int], None] = OrderedDict()
+        self._peers_down: set[NodeId] = set()
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -168,6 +222,10 @@ class NodeCore:
             "ops_noquorum": 0,
             "ops_uncertain": 0,
             "ballots_started": 0,
+            "fast_writes": 0,
+            "writes_forwarded": 0,
+            "forwards_received": 0,
+            "forwards_fell_back": 0,
         }
 
     # ---- client operations -------------------------------------------------------------------
@@ -188,8 +246,126 @@ class NodeCore:
         if known is not None:
             # Chosen before this call began: the write fails (linearizes right at its start).
             self.stats["writes_local_nil"] += 1
-            return [OpDone(op_id, Chosen(known))]
+            return self._op_done(op_id, Chosen(known))
+        owner = owner_of(key, self.nodes)
+        if owner == self.me:
+            # With a majority known to be out of reach, full Paxos fails with NOQUORUM before
+            # anything is accepted; the fast path would accept here first and be UNCERTAIN.
+            reachable = len(self.nodes) - len(self._peers_down)
+            if self.fast_writes and self.not_voting is None and reachable > len(self.nodes) // 2:
+                fast = self._begin_fast(op_id, key, proposal, deadline_ms)
+                if fast is not None:
+                    return fast
+        elif self.forward_writes and owner not in self._peers_down and op_id >= 0:
+            return self._forward(op_id, owner, key, proposal, deadline_ms)
         return self._begin(op_id, key, proposal, deadline_ms)
+
+    def set_peer_up(self, node: NodeId, up: bool) -> None:
+        """The driver's view of its link to ``node``: writes are not forwarded to a node that is
+        down (they run full Paxos here instead)."""
+        if up:
+            self._peers_down.discard(node)
+        else:
+            self._peers_down.add(node)
+
+    def _forward(
+        self, op_id: int, owner: NodeId, key: bytes, proposal: Proposal, deadline_ms: float | None
+    ) -> list[NodeEffect]:
+        """Ask ``owner`` to write ``proposal``: it can use its one-round-trip path, this node
+        cannot. If the owner does not answer within a phase timeout, or cannot be reached, this
+        node runs full Paxos for the same proposal itself (safe alongside the owner's attempt:
+        both propose the same proposal id, so the outcome is reported exactly)."""
+        if op_id in self._ops or op_id in self._forwards:
+            raise ValueError(f"operation {op_id} already running")
+        deadline = self.config.proposer.deadline_ms if deadline_ms is None else deadline_ms
+        self.stats["writes_forwarded"] += 1
+        req_id = self._next_req
+        self._next_req += 1
+        self._outstanding[req_id] = (op_id, 0, owner)
+        self._op_reqs[op_id] = [req_id]
+        self._forwards[op_id] = _Forward(key, proposal, deadline)
+        wait = min(self.config.proposer.attempt_timeout_ms, deadline)
+        return [
+            PeerSend(owner, req_id, Propose(key, proposal, max(int(deadline), 1))),
+            OpTimer(op_id, deadline, DEADLINE_TOKEN),
+            OpTimer(op_id, wait, FORWARD_TOKEN),
+        ]
+
+    def _forward_reply(self, op_id: int, reply: Reply) -> list[NodeEffect]:
+        fwd = self._forwards[op_id]
+        if isinstance(reply, Written):
+            del self._forwards[op_id]
+            self._op_reqs.pop(op_id, None)
+            outcome: Outcome
+            if reply.kind == "CHOSEN" and reply.proposal is not None:
+                outcome = Chosen(reply.proposal)
+                self._learn(fwd.key, reply.proposal)
+            elif reply.kind == "NOQUORUM":
+                outcome = Failed(Failure.NOQUORUM, reply.reason)
+            else:
+                outcome = Failed(Failure.UNCERTAIN, reply.reason)
+            self._count_outcome(outcome)
+            return [OpDone(op_id, outcome)]
+        return self._fall_back(op_id, fwd.deadline_ms)
+
+    def _fall_back(self, op_id: int, deadline_ms: float) -> list[NodeEffect]:
+        """The owner did not answer: write the same proposal through full Paxos from here. The
+        owner may have sent it for acceptance already, so a failure is UNCERTAIN, never NOQUORUM.
+        The forward's own deadline timer still bounds the whole operation."""
+        fwd = self._forwards.pop(op_id)
+        for req_id in self._op_reqs.pop(op_id, ()):
+            self._outstanding.pop(req_id, None)
+        self.stats["forwards_fell_back"] += 1
+        p = self._new_proposer(op_id, fwd.key, fwd.proposal, deadline_ms, True)
+        p.sent_own = True
+        return self._run(op_id, p.start())
+
+    def _op_done(self, op_id: int, outcome: Outcome) -> list[NodeEffect]:
+        """An operation ended: tell the driver, or the node that forwarded it."""
+        remote = self._remote_ops.pop(op_id, None)
+        if remote is None:
+            return [OpDone(op_id, outcome)]
+        if isinstance(outcome, Chosen):
+            reply = Written("CHOSEN", outcome.proposal, "")
+        elif isinstance(outcome, Failed):
+            reply = Written(outcome.kind.value, None, outcome.reason)
+        else:
+            reply = Written("UNCERTAIN", None, "unexpected outcome")
+        return self._respond(remote[0], remote[1], reply)
+
+    def _begin_fast(
+        self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None
+    ) -> list[NodeEffect] | None:
+        """The one-round-trip write of a key this node owns, or None when it may not be used.
+
+        Round 0 of ``key`` belongs to this node alone, and this node's own acceptor records its
+        use durably *before* any other node hears of it. So an empty acceptor state here proves
+        that no lifetime of this data directory ever proposed at round 0 for ``key``: the ballot
+        ``(0, me, incarnation)`` is then below every ballot anyone else can use, nothing can have
+        been chosen below it, and it carries exactly one proposal. Phase 1 has nothing to find,
+        and the proposal goes straight to the accept phase (docs/design.md has the argument).
+        """
+        try:
+            slot = self._slot(key)
+        except Exception:  # noqa: BLE001 - an unreadable state: the normal path reports it
+            return None
+        if slot.state != EMPTY_STATE or slot.waiting or slot.held:
+            return None
+        p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
+        self.stats["fast_writes"] += 1
+        effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation))
+        own = [e for e in effects if isinstance(e, Send) and e.to == self.me]
+        rest = [e for e in effects if not (isinstance(e, Send) and e.to == self.me)]
+        out = self._run(op_id, own)
+        # The own acceptor accepted, and the state waits for its fsync: the other nodes hear of
+        # the proposal only after that. If it did not accept (it cannot, being empty, but do
+        # not rely on it), the sends are dropped and the phase timeout falls back to Paxos.
+        pending = slot.durable < slot.version and self._slots.get(key) is slot
+        sends = [e for e in rest if isinstance(e, Send)]
+        out += self._run(op_id, [e for e in rest if not isinstance(e, Send)])
+        if pending and sends:
+            slot.held.append((slot.version, op_id, sends))
+        return out
 
     def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
         self.stats["reads_started"] += 1
@@ -218,6 +394,12 @@ class NodeCore:
         deadline_ms: float | None,
         trust_learned: bool = True,
     ) -> list[NodeEffect]:
+        p = self._new_proposer(op_id, key, proposal, deadline_ms, trust_learned)
+        return self._run(op_id, p.start())
+
+    def _new_proposer(
+        self, op_id: int, key: bytes, proposal: Proposal | None, deadline_ms: float | None, trust_learned: bool
+    ) -> Proposer:
         if op_id in self._ops:
             raise ValueError(f"operation {op_id} already running")
         config = self.config.proposer
@@ -228,7 +410,7 @@ class NodeCore:
         )
         self._ops[op_id] = p
         self._op_reqs[op_id] = []
-        return self._run(op_id, p.start())
+        return p
 
     def _alloc_round(self, at_least: int) -> int:
         self._round = max(self._round + 1, at_least)
@@ -236,6 +418,18 @@ class NodeCore:
         return self._round
 
     def on_timer(self, op_id: int, token: int) -> list[NodeEffect]:
+        fwd = self._forwards.get(op_id)
+        if fwd is not None:
+            if token == FORWARD_TOKEN:
+                return self._fall_back(op_id, fwd.deadline_ms)
+            if token == DEADLINE_TOKEN:
+                self._forwards.pop(op_id)
+                for req_id in self._op_reqs.pop(op_id, ()):
+                    self._outstanding.pop(req_id, None)
+                outcome = Failed(Failure.UNCERTAIN, f"the key's owner did not answer within {fwd.deadline_ms:.0f} ms")
+                self._count_outcome(outcome)
+                return [OpDone(op_id, outcome)]
+            return []
         p = self._ops.get(op_id)
         if p is None:
             return []
@@ -246,12 +440,14 @@ class NodeCore:
         if entry is None:
             return []
         op_id, seq, sender = entry
+        if op_id in self._forwards:
+            return self._forward_reply(op_id, reply)
         p = self._ops.get(op_id)
         if p is None:
             return []
         return self._run(op_id, p.on_reply(sender, seq, reply))
 
-    def _run(self, op_id: int, effects: list[Effect]) -> list[NodeEffect]:
+    def _run(self, op_id: int, effects: Sequence[Effect]) -> list[NodeEffect]:
         out: list[NodeEffect] = []
         local: list[tuple[int, Request]] = []
         for e in effects:
@@ -273,7 +469,7 @@ class NodeCore:
             elif isinstance(e, SetTimer):
                 out.append(OpTimer(op_id, e.delay_ms, e.token))
             elif isinstance(e, Done):
-                out.append(OpDone(op_id, e.outcome))
+                out += self._op_done(op_id, e.outcome)
                 self._count_outcome(e.outcome)
                 if isinstance(e.outcome, Chosen):
                     self._learn(self._ops[op_id].key, e.outcome.proposal)
@@ -310,6 +506,18 @@ class NodeCore:
             self.stats["learn_received"] += 1
             self._learn(msg.key, msg.proposal)
             return []
+        if isinstance(msg, Propose):
+            # A write forwarded by another node: run it as this node's own, answer when done.
+            if (sender, req_id) in self._proposes_seen:
+                return []  # a duplicate: the first copy's operation answers
+            self._proposes_seen[(sender, req_id)] = None
+            if len(self._proposes_seen) > PROPOSES_REMEMBERED:
+                self._proposes_seen.popitem(last=False)
+            self.stats["forwards_received"] += 1
+            op_id = self._next_internal
+            self._next_internal -= 1
+            self._remote_ops[op_id] = (sender, req_id)
+            return self.begin_write(op_id, msg.key, msg.proposal, float(msg.deadline_ms))
         if self.not_voting is not None:
             self.stats["refused_sent"] += 1
             return self._respond(sender, req_id, Refused(self.not_voting))
@@ -367,6 +575,14 @@ class NodeCore:
             return effects
         if slot.durable < version <= slot.version:
             slot.durable = version
+        if slot.held:
+            released = [h for h in slot.held if h[0] <= slot.durable]
+            slot.held = [h for h in slot.held if h[0] > slot.durable]
+            for _, op_id, sends in released:
+                p = self._ops.get(op_id)
+                live = [e for e in sends if p is not None and isinstance(e, Send) and e.seq == p.seq]
+                if live:
+                    effects += self._run(op_id, live)
         ready = [w for w in slot.waiting if w[0] <= slot.durable]
         if ready:
             slot.waiting = [w for w in slot.waiting if w[0] > slot.durable]

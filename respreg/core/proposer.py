@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .types import (
+    FAST_ROUND,
     NO_BALLOT,
     Accept,
     Accepted,
@@ -179,6 +180,19 @@ class Proposer:
             effects += self._begin_read()
         return effects
 
+    def start_fast(self, ballot: Ballot) -> list[Effect]:
+        """Start a write at the owner's reserved round-0 ``ballot``, skipping prepare.
+
+        Safe only when no other proposal can ever have used a ballot below ``ballot`` for this
+        key and this is the one proposal at ``ballot``: the caller (NodeCore) guarantees both,
+        see docs/design.md. A nack or a timeout falls back to full Paxos at round 1 or above.
+        """
+        assert self.phase is _Phase.IDLE and self.own is not None and ballot.round == FAST_ROUND
+        self.attempts += 1
+        self._ballot = ballot
+        effects: list[Effect] = [SetTimer(self.config.deadline_ms, DEADLINE_TOKEN)]
+        return effects + self._begin_accept(self.own)
+
     def on_timer(self, token: int) -> list[Effect]:
         if self.phase is _Phase.DONE:
             return []
@@ -237,7 +251,7 @@ class Proposer:
     def _begin_prepare(self) -> list[Effect]:
         self.attempts += 1
         self._new_phase(_Phase.PREPARE)
-        rnd = self._alloc_round(max(self._highest_seen.round + 1, 1))
+        rnd = self._alloc_round(max(self._highest_seen.round + 1, FAST_ROUND + 1))
         self._ballot = Ballot(rnd, int(self.me), self.incarnation)
         return self._broadcast(Prepare(self.key, self._ballot))
 

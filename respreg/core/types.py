@@ -10,6 +10,8 @@ majority at one ballot is *chosen*, and nodes *learn* it.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
 
@@ -31,6 +33,17 @@ class Ballot(NamedTuple):
 
 #: Lower than every real ballot: "never promised" / "never accepted".
 NO_BALLOT = Ballot(-1, -1, -1)
+
+#: Round 0 is reserved: only a key's owner uses it, once per key, for the one-round-trip write
+#: (see :func:`owner_of` and docs/design.md). Every other ballot has a round of 1 or more.
+FAST_ROUND = 0
+
+
+def owner_of(key: bytes, nodes: Sequence[NodeId]) -> NodeId:
+    """The node that may write ``key`` at the reserved round 0: the same answer on every node
+    (a checksum of the key picks one of the sorted members)."""
+    ordered = sorted(nodes)
+    return ordered[zlib.crc32(key) % len(ordered)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +101,17 @@ class Learn:
     proposal: Proposal
 
 
-Request = Prepare | Accept | Read | Learn
+@dataclass(frozen=True, slots=True)
+class Propose:
+    """A SETONCE forwarded to the key's owner, which writes it (in one round trip when it can)
+    and answers with :class:`Written` within ``deadline_ms``."""
+
+    key: bytes
+    proposal: Proposal
+    deadline_ms: int
+
+
+Request = Prepare | Accept | Read | Learn | Propose
 
 
 # ---- replies from acceptors -----------------------------------------------------------------
@@ -138,4 +161,14 @@ class Unreachable:
     """Synthesised by the driver: the message could not be delivered (peer down or timed out)."""
 
 
-Reply = Promise | Accepted | Nack | State | Refused | Unreachable
+@dataclass(frozen=True, slots=True)
+class Written:
+    """Answer to Propose: ``proposal`` is chosen (kind "CHOSEN"), or the owner's write failed
+    with kind "NOQUORUM" (its proposal was never sent for acceptance) or "UNCERTAIN"."""
+
+    kind: str
+    proposal: Proposal | None
+    reason: str
+
+
+Reply = Promise | Accepted | Nack | State | Refused | Unreachable | Written

@@ -161,6 +161,12 @@ def _node_config(rng: random.Random) -> NodeConfig:
     return NodeConfig()
 
 
+def _with_fast_writes(config: NodeConfig, seed: str) -> NodeConfig:
+    """Most runs let owners write in one round trip, some run full Paxos only. Drawn from its
+    own generator, so every other draw of a seed stays what it was before the fast path."""
+    return replace(config, fast_writes=random.Random(f"fast/{seed}").random() < 0.75)
+
+
 def _make_world(
     scenario: str,
     seed: int,
@@ -172,7 +178,7 @@ def _make_world(
 ) -> World:
     rng = random.Random(f"{scenario}/{nodes}/{seed}")
     faults = tweak(Faults.draw(rng))
-    drawn = _node_config(rng)
+    drawn = _with_fast_writes(_node_config(rng), f"{scenario}/{nodes}/{seed}")
     options = WorldOptions(node_config=config or drawn, trace=trace, lying_disk=lying_disk)
     return World(rng, nodes, faults, options)
 
@@ -355,7 +361,7 @@ def _run_amnesia(
     """
     rng = random.Random(f"amnesia/{nodes}/{seed}")
     faults = Faults.draw(rng)
-    drawn = _node_config(rng)
+    drawn = _with_fast_writes(_node_config(rng), f"amnesia/{nodes}/{seed}")
     # Shorter deadlines than the default, so that the 2 x deadline wait ends inside the faults.
     deadline = rng.choice([400.0, 1000.0, 3000.0])
     proposer = ProposerConfig(attempt_timeout_ms=deadline / 6, deadline_ms=deadline)

@@ -1,7 +1,7 @@
 """Drive a few real ``NodeCore`` objects by hand, for tests that need one exact interleaving.
 
 Nothing moves on its own: requests, replies and disk writes wait in queues until the test
-delivers, drops or flushes them. Timers are never fired.
+delivers, drops or flushes them. Timers fire only when the test calls :meth:`Scripted.fire`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Scripted:
         self.persists: list[tuple[NodeId, Persist]] = []
         self.outcomes: dict[int, Outcome] = {}
         self.alarms: list[Alarm] = []
+        self.timers: list[tuple[NodeId, OpTimer]] = []
 
     def _loader(self, nid: NodeId) -> Callable[[bytes], AcceptorState]:
         return lambda key: self.disk[nid].get(key, EMPTY_STATE)
@@ -73,6 +74,7 @@ class Scripted:
                 self.alarms.append(e)
             else:
                 assert isinstance(e, OpTimer)
+                self.timers.append((nid, e))
 
     # ---- client operations -------------------------------------------------------------------
 
@@ -85,6 +87,14 @@ class Scripted:
         self.apply(n, self.cores[n].begin_read(op_id, key))
 
     # ---- moving things -----------------------------------------------------------------------
+
+    def fire(self, nid: int, op_id: int, token: int | None = None) -> None:
+        """Fire the pending timers of operation ``op_id`` on node ``nid`` (those with ``token``
+        only, if given), as if their delays had passed."""
+        due = [(n, t) for n, t in self.timers if n == nid and t.op_id == op_id and token in (None, t.token)]
+        for n, t in due:
+            self.timers.remove((n, t))
+            self.apply(n, self.cores[n].on_timer(t.op_id, t.token))
 
     def flush(self, nid: int) -> int:
         """Complete every pending disk write of node ``nid``, in order."""

@@ -51,6 +51,7 @@ from respreg.core.node import (
 from respreg.core.proposer import Chosen, Empty, Outcome
 from respreg.core.types import (
     EMPTY_STATE,
+    FAST_ROUND,
     NO_BALLOT,
     Accept,
     Accepted,
@@ -282,6 +283,9 @@ class Host:
         #: The disk was wiped after this node voted: it must not vote until it is rebuilt (what
         #: the real node records as its status in ``node.meta``, so it survives restarts).
         self.amnesiac = False
+        #: The disk was wiped at least once: like the real node (status ``rebuilt`` in node.meta),
+        #: it never writes at the reserved round 0 again.
+        self.ever_wiped = False
 
     @property
     def core_incarnation(self) -> int:
@@ -345,7 +349,7 @@ class World:
         self._next_pid = 1
         self._pending = 0
         self.crashes_enabled = faults.crash_every_ms is not None
-        self.stats = {"messages": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
+        self.stats = {"messages": 0, "fast_accepts": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
         #: Called after every boot (a driver starts its rebuild of an amnesiac node here).
         self.on_boot: Callable[[Host], None] | None = None
         for h in self.hosts.values():
@@ -396,6 +400,8 @@ class World:
             h.id, self.node_ids, h.core_incarnation, partial(self._load, h), self.rng.random, self.node_config
         )
         h.disk_busy = {}
+        if h.ever_wiped:
+            h.core.fast_writes = False
         if h.amnesiac:
             # What a real node does when it finds it was known under another identity.
             h.core.set_voting(AMNESIAC)
@@ -428,6 +434,7 @@ class World:
         h.disk = {}
         h.disk_busy = {}
         h.amnesiac = amnesiac
+        h.ever_wiped = True
         if self.options.wipe_resets_incarnation:
             h.disk_born = h.incarnation + 1
         self.oracle.forget(int(nid))
@@ -688,6 +695,8 @@ class World:
             self.after(self._delay(), fn)
 
     def _send_request(self, h: Host, inc: int, e: PeerSend) -> None:
+        if isinstance(e.msg, Accept) and e.msg.ballot.round == FAST_ROUND:
+            self.stats["fast_accepts"] += 1
         if e.req_id == 0:
             assert isinstance(e.msg, Learn)
             w = 0

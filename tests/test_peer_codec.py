@@ -1,0 +1,81 @@
+"""Every peer message survives its wire encoding: requests through the client-side RESP parser
+the peer port uses, replies through hiredis as the dialling node reads them."""
+
+from __future__ import annotations
+
+import hiredis
+import pytest
+
+from respreg.core.types import (
+    NO_BALLOT,
+    Accept,
+    Accepted,
+    Ballot,
+    Learn,
+    Nack,
+    Prepare,
+    Promise,
+    Proposal,
+    Propose,
+    Read,
+    Refused,
+    Reply,
+    Request,
+    State,
+    Written,
+)
+from respreg.peer import decode_reply, decode_request, encode_reply, encode_request
+from respreg.resp import RequestParser
+
+B = Ballot(7, 2, 123456789012)
+P = Proposal(b"\x00pid\r\n", b"value \r\n with CRLF")
+
+REQUESTS: list[tuple[int, Request]] = [
+    (5, Prepare(b"k", B)),
+    (6, Accept(b"k", Ballot(0, 1, 0), P)),
+    (7, Read(b"")),
+    (0, Learn(b"k", P)),
+    (8, Propose(b"k", P, 3000)),
+]
+REPLIES: list[Reply] = [
+    Promise(B, NO_BALLOT, None, False),
+    Promise(B, Ballot(0, 1, 5), P, True),
+    Accepted(B),
+    Nack(B, Ballot(9, 3, 1)),
+    State(NO_BALLOT, None, False),
+    State(B, P, True),
+    Refused("disk said no"),
+    Written("CHOSEN", P, ""),
+    Written("NOQUORUM", None, "2 of 3 nodes unreachable"),
+    Written("UNCERTAIN", None, "owner did not answer"),
+]
+
+
+@pytest.mark.parametrize(("req_id", "msg"), REQUESTS)
+def test_request_round_trip(req_id: int, msg: Request) -> None:
+    parser = RequestParser()
+    parser.feed(encode_request(req_id, msg))
+    args = parser.next()
+    assert args is not None and args[0] == b"PX"
+    assert decode_request(args[1:]) == (req_id, msg)
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_reply_round_trip(reply: Reply) -> None:
+    reader = hiredis.Reader()
+    reader.feed(encode_reply(42, reply))
+    assert decode_reply(reader.gets()) == (42, reply)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"8", b"W", b"k", b"pid", b"v"],  # no deadline
+        [b"8", b"W", b"k", b"pid", b"v", b"0"],  # deadline must be positive
+        [b"8", b"W", b"k", b"pid", b"v", b"99999999999"],  # beyond an hour
+        [b"8", b"W", b"k", b"pid", b"v", b"soon"],
+    ],
+)
+def test_malformed_forward_is_rejected(args: list[bytes]) -> None:
+    with pytest.raises(ValueError):
+        decode_request(args)
