@@ -11,8 +11,8 @@ where respreg stops voting until it is restarted). Creating a trigger breaks the
 it repairs it.
 
 Full disks: each node's data directory is a subdirectory of its own small tmpfs (root only),
-``<root>/disk<i>/data``; the fault fills the tmpfs with ``<root>/disk<i>/filler`` to the last
-byte and deleting the filler frees it. Every mount is unmounted by :meth:`Tmpfs.close` (lazily
+``<root>/disk<i>/data``; the fault fills the tmpfs with ``<root>/disk<i>/filler`` until not one
+page is left, and deleting the filler frees it. Every mount is unmounted by :meth:`Tmpfs.close` (lazily
 if a process still holds it), and nothing else is ever unmounted.
 """
 
@@ -37,11 +37,12 @@ def tmpfs_size_mb(duration_s: float) -> int:
     """A tmpfs size (MiB) that holds every key a run writes, with room to spare.
 
     A key's state is one small file, one 4 KiB page on tmpfs (directories take none). 16 clients
-    on a 2-core machine create up to about 700 new keys a second while no fault slows them
-    (2.7 MiB/s), so: 4 MiB per second of faults plus a minute of warm-up, recovery and final
-    reads, plus 128 MiB, rounded up to 64 MiB (1,088 MiB for 180 s of faults). The memory is
-    only used as keys are written, and by the filler while a disk is full."""
-    return int(math.ceil((128 + 4 * (max(0.0, duration_s) + 60)) / 64) * 64)
+    on a 2-core machine created about 260 new keys a second under every fault (1 MiB/s: 46,000
+    keys, 175 MiB per node in 180 s) and up to 700 a second (2.7 MiB/s) under disk faults alone;
+    so: 3 MiB per second of faults plus a minute of warm-up, recovery and final reads, plus 128
+    MiB, rounded up to 64 MiB (896 MiB for 180 s of faults). The memory is only used as keys are
+    written, and by the filler while a disk is full (filling 1 GiB takes about 0.6 s)."""
+    return int(math.ceil((128 + 3 * (max(0.0, duration_s) + 60)) / 64) * 64)
 
 
 def shim_unavailable() -> str | None:
@@ -145,21 +146,28 @@ class Tmpfs:
 
 
 def fill(directory: Path, name: str = "filler") -> int:
-    """Fill the file system holding ``directory`` to the last byte with ``directory/name``; returns
-    the bytes written. (A process on the same file system that frees a few bytes afterwards may
-    take them again: a full disk stays about full, as a real one does.)"""
+    """Fill the file system holding ``directory`` with ``directory/name`` until a write of one page
+    fails with ENOSPC; returns the bytes written.
+
+    tmpfs allocates whole pages, so once a 4 KiB write fails no page is left for anyone. A node
+    replacing one of its files may free a page later and take it again: a full disk stays about
+    full, as a real one does. (Smaller writes would only chase single freed pages against the
+    node's own writes, byte by byte, for seconds.)"""
     written = 0
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        for chunk in (1 << 20, 1 << 16, 1 << 12, 1):
+        for chunk in (1 << 20, 1 << 16, 1 << 12):
             block = b"\0" * chunk
             while True:
                 try:
-                    written += os.write(fd, block)
+                    n = os.write(fd, block)
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:
                         raise
                     break
+                written += n
+                if n < chunk:
+                    break  # a short write: the file system just filled up
     finally:
         os.close(fd)
     return written

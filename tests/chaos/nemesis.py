@@ -17,8 +17,8 @@ Disk faults (:mod:`tests.chaos.disk`), on a minority of nodes or, sometimes, a m
 - ``fsync-eio``: every fsync under the node's data directory fails with EIO (an LD_PRELOAD
   library; needs gcc); ``fsync-eio-dirs``: only directory fsyncs fail, so a state renamed into
   place is not made durable and respreg stops voting (``acceptor:disk-failed``);
-- ``disk-full``: the node's data directory, on its own small tmpfs (needs root), is filled to the
-  last byte.
+- ``disk-full``: the node's data directory, on its own small tmpfs (needs root), is filled until
+  not one page is left.
 
 When a disk fault ends the disk is repaired and the node checked: a node that stopped voting
 (``disk-failed``, it must be restarted on a healthy disk) or exited is restarted, as ``kill``
@@ -513,8 +513,11 @@ class DiskFull(Fault):
     def _apply(self) -> None:
         disks = self.n.require_disks()
         self.n.topology.change(lambda t: t.disk.update(self.nodes))
+        started = time.monotonic()
         written = disks.fill(self.nodes)
-        self.description += " (" + ", ".join(f"n{i} +{b / (1 << 20):.0f} MiB" for i, b in sorted(written.items())) + ")"
+        took = time.monotonic() - started
+        filled = ", ".join(f"n{i} +{b / (1 << 20):.0f} MiB" for i, b in sorted(written.items()))
+        self.description += f" ({filled} in {took:.1f} s)"
 
     def _undo(self) -> None:
         self.n.require_disks().free(self.nodes)

@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="how proxy partitions cut links, drawn uniformly (default: all of them)")  # fmt: skip
     p.add_argument("--tmpfs-mb", type=int, default=None,
                    help="size of each node's tmpfs data directory with disk-full (default: by --duration, "
-                        "128 + 4 * (duration + 60), rounded up to 64)")  # fmt: skip
+                        "128 + 3 * (duration + 60), rounded up to 64)")  # fmt: skip
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     cfg = RunConfig(
