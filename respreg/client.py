@@ -64,7 +64,12 @@ class ClientProtocol(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_cmd = "NULL"
         self.queue: deque[_Slot] = deque()
-        self.key_busy: dict[bytes, asyncio.Future[Any]] = {}
+        #: Per key, the commands of this connection still running on it (see _dispatch).
+        self.key_busy: dict[bytes, list[asyncio.Future[Any]]] = {}
+        #: Per key, the last write of this connection still running on it.
+        self.key_write: dict[bytes, asyncio.Future[Any]] = {}
+        self._flush_scheduled = False
+        self._pending_out: list[bytes] = []
         #: Set while a command that waited behind earlier ones starts: what is left of its deadline.
         self.budget_ms: float | None = None
         self.inflight = 0
@@ -129,7 +134,8 @@ class ClientProtocol(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        out: list[bytes] = []
+        # Replies of finished operations not written yet go first (see _complete).
+        out, self._pending_out = self._pending_out, []
         out_size = 0
         queue = self.queue
         srv_stats = self.srv.stats
@@ -185,16 +191,27 @@ class ClientProtocol(asyncio.Protocol):
         slot.data = fmt(fut.result())
         if self.closed:
             return
-        out: list[bytes] = []
         queue = self.queue
+        out = self._pending_out
         while queue and queue[0].data is not None:
             data = queue.popleft().data
             assert data is not None
             out.append(data)
+        if not self._flush_scheduled:
+            # Many operations finish in one event-loop iteration (a shared read round, a group
+            # commit): their replies leave in one write, after that iteration's callbacks ran.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        out, self._pending_out = self._pending_out, []
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if self.closing:
-            if not queue and self.transport is not None:
+            if not self.queue and self.transport is not None:
                 self.transport.close()
             return
         self._update_reading()
@@ -204,6 +221,15 @@ class ClientProtocol(asyncio.Protocol):
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self, args: list[bytes]) -> bytes | Deferred:
+        if len(args) == 2 and args[0] in _GET:
+            # The hot path, GET of a value this node knows is chosen (what cmd_get does first),
+            # unless an earlier write of this connection on the key still runs.
+            key = args[1]
+            if key not in self.key_write:
+                known = self.srv.chosen_value(key)
+                if known is not None:
+                    self.last_cmd = "get"
+                    return b"$%d\r\n%s\r\n" % (len(known), known)
         name = args[0].lower()
         handler = HANDLERS.get(name)
         if handler is None:
@@ -218,18 +244,24 @@ class ClientProtocol(asyncio.Protocol):
         if spec.first_key == 0:
             return self._call(handler, args)
         # Commands of one connection on one key take effect in the order they were sent, as in
-        # redis-server, even when pipelined: a command waits for this connection's earlier
-        # commands on the same keys. Commands on other keys run concurrently.
+        # redis-server, even when pipelined: a write waits for this connection's earlier commands
+        # on the same keys, a read for its earlier writes. Reads of one key run concurrently:
+        # each is linearizable, and a register only ever goes from nil to its one value, so a
+        # later read can never return an older state than an earlier one (replies still leave
+        # in request order). Commands on other keys run concurrently.
         last = len(args) - 1 if spec.last_key < 0 else spec.last_key
         keys = args[spec.first_key : last + 1 : spec.step]
-        busy = self.key_busy
-        if busy:
-            blockers = {busy[k] for k in keys if k in busy}
+        readonly = spec.readonly
+        if self.key_busy:
+            if readonly:
+                blockers = {self.key_write[k] for k in keys if k in self.key_write}
+            else:
+                blockers = {f for k in keys for f in self.key_busy.get(k, ())}
             if blockers:
-                return self._after(blockers, handler, args, keys)
+                return self._after(blockers, handler, args, keys, readonly)
         result = self._call(handler, args)
         if not isinstance(result, bytes) and not result[0].done():
-            self._mark_busy(keys, result[0])
+            self._mark_busy(keys, result[0], readonly)
         return result
 
     def _call(self, handler: Handler, args: list[bytes]) -> bytes | Deferred:
@@ -239,23 +271,38 @@ class ClientProtocol(asyncio.Protocol):
             log.exception("command %r failed", args[0][:64])
             return error(f"ERR internal error: {type(exc).__name__}")
 
-    def _mark_busy(self, keys: list[bytes], fut: asyncio.Future[Any]) -> None:
+    def _mark_busy(self, keys: list[bytes], fut: asyncio.Future[Any], readonly: bool) -> None:
         for k in keys:
-            self.key_busy[k] = fut
+            self.key_busy.setdefault(k, []).append(fut)
+            if not readonly:
+                self.key_write[k] = fut
         fut.add_done_callback(partial(self._unbusy, keys))
 
     def _unbusy(self, keys: list[bytes], fut: asyncio.Future[Any]) -> None:
         for k in keys:
-            if self.key_busy.get(k) is fut:
-                del self.key_busy[k]
+            running = self.key_busy.get(k)
+            if running is not None:
+                try:
+                    running.remove(fut)
+                except ValueError:
+                    pass
+                if not running:
+                    del self.key_busy[k]
+            if self.key_write.get(k) is fut:
+                del self.key_write[k]
 
     def _after(
-        self, blockers: set[asyncio.Future[Any]], handler: Handler, args: list[bytes], keys: list[bytes]
+        self,
+        blockers: set[asyncio.Future[Any]],
+        handler: Handler,
+        args: list[bytes],
+        keys: list[bytes],
+        readonly: bool,
     ) -> Deferred:
         """Run ``handler`` once every blocker is done; the returned future carries its reply."""
         loop = asyncio.get_running_loop()
         outer: asyncio.Future[bytes] = loop.create_future()
-        self._mark_busy(keys, outer)
+        self._mark_busy(keys, outer, readonly)
         remaining = len(blockers)
         # The deadline runs from arrival, so a chain of commands on one key stays bounded too.
         deadline = loop.time() + self.srv.config.deadline_ms / 1000
@@ -304,6 +351,9 @@ class ClientProtocol(asyncio.Protocol):
             f"user=default redir=-1 resp={3 if self.resp3 else 2} "
             f"lib-name={self.lib_name.decode('utf-8', 'replace')} lib-ver={self.lib_ver.decode('utf-8', 'replace')}"
         )
+
+
+_GET = frozenset((b"GET", b"get", b"Get"))
 
 
 def _same(reply: bytes) -> bytes:

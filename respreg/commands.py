@@ -35,6 +35,10 @@ class CommandSpec:
     since: str = "1.0.0"
     args: tuple[Arg, ...] = ()
 
+    @property
+    def readonly(self) -> bool:
+        return "readonly" in self.flags
+
 
 _KEY = Arg("key", "key")
 _VALUE = Arg("value")

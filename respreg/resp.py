@@ -27,9 +27,17 @@ class ProtocolError(Exception):
     """The client broke the protocol. ``str(exc)`` is the reply text without ``ERR``."""
 
 
+#: Every canonical decimal from 0 to 65535, as the bytes a client sends: most lengths and counts
+#: are found here with one lookup, and anything not found takes the full check below.
+_SMALL: dict[bytes, int] = {b"%d" % i: i for i in range(65536)}
+
+
 def _strict_int(text: bytes) -> int | None:
     """Parse a length the way redis-server's ``string2ll`` does: optional '-', digits, no
     leading zeros, no '+', no spaces; None when it would refuse."""
+    small = _SMALL.get(text)
+    if small is not None:
+        return small
     if not text or len(text) > 20:
         return None
     if text.isdigit():

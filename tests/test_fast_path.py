@@ -6,9 +6,20 @@ runs the same paths under loss, duplication, crashes and amnesia (tests/test_sim
 
 from __future__ import annotations
 
-from respreg.core.node import FORWARD_TOKEN, NodeConfig
-from respreg.core.proposer import DEADLINE_TOKEN, Chosen, Failed, Failure
-from respreg.core.types import FAST_ROUND, Accept, AcceptorState, Ballot, NodeId, Prepare, Propose, owner_of
+from respreg.core.node import NodeConfig
+from respreg.core.proposer import DEADLINE_TOKEN, Chosen, Empty, Failed, Failure
+from respreg.core.types import (
+    FAST_ROUND,
+    Accept,
+    AcceptorState,
+    Ballot,
+    NodeId,
+    Prepare,
+    Propose,
+    Unreachable,
+    Written,
+    owner_of,
+)
 
 from .sim.script import Scripted
 
@@ -103,12 +114,18 @@ def test_non_owner_forwards_to_the_owner() -> None:
     assert s.cores[NodeId(1)].chosen(key) == outcome.proposal
 
 
-def test_forward_to_a_silent_owner_falls_back_to_paxos_with_the_same_proposal() -> None:
+def _fail_forward(s: Scripted, reply: Unreachable | Written) -> None:
+    """Answer node 1's pending forward to node 2 with ``reply`` (what the link or owner says)."""
+    (fwd,) = [r for r in s.requests if isinstance(r.msg, Propose)]
+    s.requests.remove(fwd)
+    s.apply(NodeId(1), s.cores[NodeId(1)].on_peer_reply(fwd.req_id, reply))
+
+
+def test_forward_over_a_failed_link_falls_back_to_paxos_with_the_same_proposal() -> None:
     s = Scripted(config=FAST)
     key = key_owned_by(2)
     s.write(1, 7, key, b"p7", b"v")
-    s.drop(dst=2)
-    s.fire(1, 7, FORWARD_TOKEN)
+    _fail_forward(s, Unreachable())
     msgs = [r.msg for r in s.requests]
     assert msgs and all(isinstance(m, Prepare) and m.ballot.round >= 1 for m in msgs)
     s.settle([1, 3])
@@ -120,21 +137,44 @@ def test_forward_to_a_silent_owner_falls_back_to_paxos_with_the_same_proposal() 
 def test_failed_forward_is_uncertain_never_noquorum() -> None:
     """The owner may have sent the proposal for acceptance: NOQUORUM would be a lie."""
     s = Scripted(config=FAST)
-    key = key_owned_by(2)
-    s.write(1, 7, key, b"p7", b"v")
+    s.write(1, 7, key_owned_by(2), b"p7", b"v")
     s.drop()
-    s.fire(1, 7, DEADLINE_TOKEN)
+    s.fire(1, 7, DEADLINE_TOKEN)  # no answer at all
     outcome = s.outcomes[7]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
-    # Also after the fallback to Paxos started and found no majority.
+    # The link failed, and the fallback to Paxos found no majority either.
     s.write(1, 8, key_owned_by(2, b"other"), b"p8", b"v")
-    s.drop()
-    s.fire(1, 8, FORWARD_TOKEN)
+    _fail_forward(s, Unreachable())
     assert s.requests, "the fallback sends prepares"
     s.drop()
     s.fire(1, 8, DEADLINE_TOKEN)
     outcome = s.outcomes[8]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
+    # The owner answered UNCERTAIN, and the fallback found no majority.
+    s.write(1, 9, key_owned_by(2, b"third"), b"p9", b"v")
+    _fail_forward(s, Written("UNCERTAIN", None, "owner cut off"))
+    s.drop()
+    s.fire(1, 9, DEADLINE_TOKEN)
+    outcome = s.outcomes[9]
+    assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
+
+
+def test_owner_noquorum_lets_this_node_try_and_stay_exact() -> None:
+    """The owner never sent it: this node tries itself, and may still answer NOQUORUM."""
+    s = Scripted(config=FAST)
+    s.write(1, 7, key_owned_by(2), b"p7", b"v")
+    _fail_forward(s, Written("NOQUORUM", None, "2 of 3 nodes unreachable"))
+    assert s.requests and all(isinstance(r.msg, Prepare) for r in s.requests)
+    s.drop()
+    s.fire(1, 7, DEADLINE_TOKEN)
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Failed) and outcome.kind is Failure.NOQUORUM
+    # And when this node does reach a majority, the write succeeds.
+    s.write(1, 8, key_owned_by(2, b"other"), b"p8", b"v")
+    _fail_forward(s, Written("NOQUORUM", None, "2 of 3 nodes unreachable"))
+    s.settle([1, 3])
+    outcome = s.outcomes[8]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p8"
 
 
 def test_writes_are_not_forwarded_to_an_owner_known_down() -> None:
@@ -157,3 +197,40 @@ def test_duplicated_forward_runs_one_operation() -> None:
     assert s.cores[NodeId(2)].ops_in_flight() == 1
     s.settle([1, 2, 3])
     assert isinstance(s.outcomes[7], Chosen)
+
+
+def test_concurrent_reads_of_a_key_share_the_next_round_never_an_earlier_one() -> None:
+    """A read that begins while a read round of its key is in flight waits for the next round:
+    the round in flight may have begun before a write that completed before this read began."""
+    s = Scripted(config=NodeConfig())
+    key = b"shared"
+    s.read(1, 1, key)  # its read of node 1's own acceptor is answered at once: nothing accepted
+    s.deliver(src=1, dst=2)  # node 2 sees the read before the write: it will answer "nothing"
+    s.write(2, 2, key, b"p2", b"v")
+    # The write is chosen by nodes 2 and 3 alone (node 2's answer to the read stays queued).
+    s.requests = [r for r in s.requests if (r.src, r.dst) != (2, 1)]
+    s.settle([2, 3], learn=False)
+    written = s.outcomes[2]
+    assert isinstance(written, Chosen) and written.proposal.pid == b"p2"
+    s.read(1, 3, key)  # begins after the write completed: must return its value
+    s.read(1, 4, key)
+    assert s.cores[NodeId(1)].stats["reads_shared"] == 2
+    s.deliver(src=2, dst=1)  # node 2's answer ends the first round: nil, which is linearizable
+    assert isinstance(s.outcomes[1], Empty)
+    assert 3 not in s.outcomes
+    s.settle([1, 2, 3])
+    for op in (3, 4):
+        outcome = s.outcomes[op]
+        assert isinstance(outcome, Chosen) and outcome.proposal.value == b"v"
+    # Both waiting reads were answered by one round: one read per acceptor, not two.
+    assert s.cores[NodeId(3)].stats["read_received"] == 2  # the first round and the shared one
+
+
+def test_a_read_waiting_for_the_next_round_fails_at_its_deadline() -> None:
+    s = Scripted(config=NodeConfig())
+    s.read(1, 1, b"k")
+    s.read(1, 2, b"k")
+    s.fire(1, 2)
+    outcome = s.outcomes[2]
+    assert isinstance(outcome, Failed) and outcome.kind is Failure.NOQUORUM
+    assert 1 not in s.outcomes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import struct
@@ -112,7 +113,7 @@ def test_round_trip_binary_keys_and_big_values(files: KeyFiles) -> None:
 
 def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
     assert files.load(b"never") is None
-    assert list(files.root.iterdir()) == []
+    assert [p for p in files.root.rglob("*") if not p.is_dir()] == []
 
 
 def test_overwrite_and_duplicate_keys_last_wins(files: KeyFiles) -> None:
@@ -125,14 +126,36 @@ def test_overwrite_and_duplicate_keys_last_wins(files: KeyFiles) -> None:
 def test_fan_out_layout(files: KeyFiles) -> None:
     path = files.path_for(b"some key")
     rel = path.relative_to(files.root)
-    assert len(rel.parts) == 3
-    top, sub, name = rel.parts
+    assert len(rel.parts) == 2
+    top, name = rel.parts
     assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
-    assert top == name[0:2] and sub == name[2:4]
+    assert top == name[0:2]
+    # All 256 directories exist from the start: a write never creates one.
+    assert sorted(p.name for p in files.root.iterdir()) == [f"{i:02x}" for i in range(256)]
     files.write_many([(b"some key", SAMPLE)])
     assert path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == [name]
     assert files.path_for(b"some key") == path  # stable
+
+
+def test_old_two_level_layout_is_moved_up_before_anything_is_read(tmp_path: Path) -> None:
+    root = tmp_path / "keys"
+    states = {b"old-%d" % i: state_for(i) for i in range(50)}
+    for key, state in states.items():
+        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        leaf = root / name[0:2] / name[2:4]
+        leaf.mkdir(parents=True, exist_ok=True)
+        (leaf / name).write_bytes(encode_state(key, state))
+        (leaf / f".{name}.0123.tmp").write_bytes(b"an unfinished write")
+    kf = KeyFiles(root)
+    try:
+        for key, state in states.items():
+            assert kf.load(key) == state
+        assert all(len(p.relative_to(root).parts) == 2 for p in root.rglob("*") if p.is_file())
+        assert not any(p.name.endswith(".tmp") for p in root.rglob("*"))
+        assert sorted(k for _, k, _ in kf.scan("", 1000)) == sorted(states)
+    finally:
+        kf.close()
 
 
 def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:

@@ -130,11 +130,21 @@ class NodeConfig:
     fast_writes: bool = False
 
 
-#: Timer token of a forwarded write that waited too long for the owner's answer.
-FORWARD_TOKEN = -2
+#: Timer token of a read waiting to ride on the next read round of its key.
+RIDE_TOKEN = -3
 #: Forwarded writes remembered to drop duplicates. TCP never duplicates a request; a network
 #: that does (the simulator's) repeats one within a few delays, far fewer requests than this.
 PROPOSES_REMEMBERED = 65_536
+
+
+@dataclass(slots=True)
+class _ReadRound:
+    """Linearizable reads of one key sharing read rounds (see NodeCore.begin_read)."""
+
+    leader: int  # the operation whose proposer runs the round in flight
+    riders: list[int]  # reads that started before that round and take its outcome
+    waiting: list[int]  # reads that started during that round: they need the next one
+    deadlines: dict[int, float]
 
 
 @dataclass(slots=True)
@@ -205,6 +215,7 @@ class NodeCore:
         #: a second operation, whose sends could contradict a NOQUORUM answer to the first.
         self._proposes_seen: OrderedDict[tuple[NodeId, int], None] = OrderedDict()
         self._peers_down: set[NodeId] = set()
+        self._read_rounds: dict[bytes, _ReadRound] = {}
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -226,6 +237,7 @@ class NodeCore:
             "writes_forwarded": 0,
             "forwards_received": 0,
             "forwards_fell_back": 0,
+            "reads_shared": 0,
         }
 
     # ---- client operations -------------------------------------------------------------------
@@ -284,40 +296,40 @@ class NodeCore:
         self._outstanding[req_id] = (op_id, 0, owner)
         self._op_reqs[op_id] = [req_id]
         self._forwards[op_id] = _Forward(key, proposal, deadline)
-        wait = min(self.config.proposer.attempt_timeout_ms, deadline)
+        # The owner answers within three quarters of the deadline, so that a failure there (the
+        # owner cut off from a majority this node may still reach) leaves time to try from here.
+        # A dead or paused owner is noticed by the link (Unreachable), well within that.
         return [
-            PeerSend(owner, req_id, Propose(key, proposal, max(int(deadline), 1))),
+            PeerSend(owner, req_id, Propose(key, proposal, max(int(deadline * 3 / 4), 1))),
             OpTimer(op_id, deadline, DEADLINE_TOKEN),
-            OpTimer(op_id, wait, FORWARD_TOKEN),
         ]
 
     def _forward_reply(self, op_id: int, reply: Reply) -> list[NodeEffect]:
         fwd = self._forwards[op_id]
         if isinstance(reply, Written):
-            del self._forwards[op_id]
-            self._op_reqs.pop(op_id, None)
-            outcome: Outcome
             if reply.kind == "CHOSEN" and reply.proposal is not None:
+                del self._forwards[op_id]
+                self._op_reqs.pop(op_id, None)
                 outcome = Chosen(reply.proposal)
                 self._learn(fwd.key, reply.proposal)
-            elif reply.kind == "NOQUORUM":
-                outcome = Failed(Failure.NOQUORUM, reply.reason)
-            else:
-                outcome = Failed(Failure.UNCERTAIN, reply.reason)
-            self._count_outcome(outcome)
-            return [OpDone(op_id, outcome)]
-        return self._fall_back(op_id, fwd.deadline_ms)
+                self._count_outcome(outcome)
+                return [OpDone(op_id, outcome)]
+            # The owner could not reach a majority; this node may. NOQUORUM from the owner means
+            # it never sent the proposal for acceptance, so this node's attempt may say so too.
+            return self._fall_back(op_id, maybe_sent=reply.kind != "NOQUORUM")
+        # Unreachable (the link failed, maybe after the owner received it) or Refused.
+        return self._fall_back(op_id, maybe_sent=True)
 
-    def _fall_back(self, op_id: int, deadline_ms: float) -> list[NodeEffect]:
-        """The owner did not answer: write the same proposal through full Paxos from here. The
-        owner may have sent it for acceptance already, so a failure is UNCERTAIN, never NOQUORUM.
-        The forward's own deadline timer still bounds the whole operation."""
+    def _fall_back(self, op_id: int, maybe_sent: bool) -> list[NodeEffect]:
+        """The owner did not write it: write the same proposal through full Paxos from here.
+        If the owner may have sent it for acceptance, a failure here is UNCERTAIN, never
+        NOQUORUM. The forward's own deadline timer still bounds the whole operation."""
         fwd = self._forwards.pop(op_id)
         for req_id in self._op_reqs.pop(op_id, ()):
             self._outstanding.pop(req_id, None)
         self.stats["forwards_fell_back"] += 1
-        p = self._new_proposer(op_id, fwd.key, fwd.proposal, deadline_ms, True)
-        p.sent_own = True
+        p = self._new_proposer(op_id, fwd.key, fwd.proposal, fwd.deadline_ms, True)
+        p.sent_own = maybe_sent
         return self._run(op_id, p.start())
 
     def _op_done(self, op_id: int, outcome: Outcome) -> list[NodeEffect]:
@@ -373,7 +385,47 @@ class NodeCore:
         if known is not None:
             self.stats["reads_local"] += 1
             return [OpDone(op_id, Chosen(known))]
-        return self._begin(op_id, key, None, deadline_ms)
+        deadline = self.config.proposer.deadline_ms if deadline_ms is None else deadline_ms
+        rnd = self._read_rounds.get(key)
+        if rnd is not None:
+            # A read round of this key is in flight, but it may have begun before this read did,
+            # so its answer could be stale for this one: wait for the next round, which begins
+            # after every read waiting for it began. One round then answers all of them.
+            self.stats["reads_shared"] += 1
+            rnd.waiting.append(op_id)
+            rnd.deadlines[op_id] = deadline
+            return [OpTimer(op_id, deadline, RIDE_TOKEN)]
+        self._read_rounds[key] = _ReadRound(op_id, [], [], {})
+        return self._begin(op_id, key, None, deadline)
+
+    def _read_round_done(self, key: bytes, op_id: int, outcome: Outcome) -> list[NodeEffect]:
+        """The round led by ``op_id`` ended: its riders share the outcome; the reads that waited
+        start the next round together."""
+        rnd = self._read_rounds.get(key)
+        if rnd is None or rnd.leader != op_id:
+            return []
+        out: list[NodeEffect] = [OpDone(r, outcome) for r in rnd.riders]
+        for r in rnd.riders:
+            self._count_outcome(outcome)
+            rnd.deadlines.pop(r, None)
+        if not rnd.waiting:
+            del self._read_rounds[key]
+            return out
+        leader, *riders = rnd.waiting
+        self._read_rounds[key] = nxt = _ReadRound(leader, riders, [], rnd.deadlines)
+        deadline = nxt.deadlines.pop(leader)
+        return out + self._begin(leader, key, None, deadline)
+
+    def _ride_expired(self, op_id: int) -> list[NodeEffect] | None:
+        """A read's deadline passed while it waited for or rode on a shared round."""
+        for rnd in self._read_rounds.values():
+            if op_id in rnd.waiting or op_id in rnd.riders:
+                (rnd.waiting if op_id in rnd.waiting else rnd.riders).remove(op_id)
+                deadline = rnd.deadlines.pop(op_id, 0.0)
+                outcome = Failed(Failure.NOQUORUM, f"no majority answered within {deadline:.0f} ms")
+                self._count_outcome(outcome)
+                return [OpDone(op_id, outcome)]
+        return None
 
     def begin_repair(self, op_id: int, key: bytes) -> list[NodeEffect]:
         """Make sure whatever may be chosen for ``key`` is chosen by nodes other than this one.
@@ -418,10 +470,14 @@ class NodeCore:
         return self._round
 
     def on_timer(self, op_id: int, token: int) -> list[NodeEffect]:
+        if token == RIDE_TOKEN:
+            expired = self._ride_expired(op_id)
+            if expired is not None:
+                return expired
+            # It leads a round by now: its deadline still runs from when it began.
+            token = DEADLINE_TOKEN
         fwd = self._forwards.get(op_id)
         if fwd is not None:
-            if token == FORWARD_TOKEN:
-                return self._fall_back(op_id, fwd.deadline_ms)
             if token == DEADLINE_TOKEN:
                 self._forwards.pop(op_id)
                 for req_id in self._op_reqs.pop(op_id, ()):
@@ -471,9 +527,12 @@ class NodeCore:
             elif isinstance(e, Done):
                 out += self._op_done(op_id, e.outcome)
                 self._count_outcome(e.outcome)
+                p = self._ops[op_id]
                 if isinstance(e.outcome, Chosen):
-                    self._learn(self._ops[op_id].key, e.outcome.proposal)
+                    self._learn(p.key, e.outcome.proposal)
                 self._drop_op(op_id)
+                if not p.is_write and p.trust_learned:
+                    out += self._read_round_done(p.key, op_id, e.outcome)
         for req_id, msg in local:
             out += self.on_request(self.me, req_id, msg)
         return out
