@@ -13,6 +13,7 @@ import random
 import resource
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from .core.node import (
     PeerSend,
     Persist,
 )
-from .core.proposer import ProposerConfig
+from .core.proposer import Failure, ProposerConfig
 from .core.types import EMPTY_STATE, AcceptorState, Ballot, NodeId, Proposal, Reply, Request, Unreachable
 from .peer import PeerLink, PeerServerProtocol
 from .storage import (
@@ -97,6 +98,7 @@ class NodeServer:
         self.maxclients = config.maxclients
         self._tasks: set[asyncio.Task[None]] = set()
         self._rebuild: asyncio.Task[None] | None = None
+        self._write_ops: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -204,6 +206,38 @@ class NodeServer:
             self.links[NodeId(p.node_id)] = link
             link.start()
         self._start_rebuild()
+        self._tasks.add(loop.create_task(self._watchdog()))
+
+    async def _watchdog(self) -> None:
+        """A safety net, not a mechanism: every operation ends by its deadline through the core's
+        timers. Should one ever outlive its deadline by a second (a bug), its client gets an
+        error instead of waiting forever, and the log says so."""
+        limit = self.config.deadline_ms / 1000 + 1.0
+        loop = asyncio.get_running_loop()
+        marks: deque[tuple[float, int]] = deque()
+        while True:
+            await asyncio.sleep(0.5)
+            now = loop.time()
+            marks.append((now, self._next_op))
+            cutoff = 0  # operations with a lower id started more than ``limit`` seconds ago
+            while marks and marks[0][0] <= now - limit:
+                cutoff = marks.popleft()[1]
+            stale = []
+            for op_id in self._ops:  # in creation order: ids only grow
+                if op_id >= cutoff:
+                    break
+                stale.append(op_id)
+            for op_id in stale:
+                fut = self._ops.pop(op_id)
+                for h in self._timers.pop(op_id, ()):
+                    h.cancel()
+                was_write = op_id in self._write_ops
+                self._write_ops.discard(op_id)
+                if not fut.done():
+                    log.error("BUG: operation %d outlived its deadline; answering it with an error", op_id)
+                    # A write may have been sent for acceptance; a read has no effect either way.
+                    kind = Failure.UNCERTAIN if was_write else Failure.NOQUORUM
+                    fut.set_result(Failed(kind, "internal error: the operation did not finish in time"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -446,6 +480,7 @@ class NodeServer:
         op_id = self._new_op()
         pid = struct.pack(">HQQ", self.me, self.incarnation, op_id)
         fut = self._ops[op_id]
+        self._write_ops.add(op_id)
         for nid, link in self.links.items():
             self.core.set_peer_up(nid, link.up)
         self._apply(self.core.begin_write(op_id, key, Proposal(pid, value), deadline_ms))
@@ -525,6 +560,7 @@ class NodeServer:
                 for h in self._timers.pop(e.op_id, ()):
                     h.cancel()
                 fut = self._ops.pop(e.op_id, None)
+                self._write_ops.discard(e.op_id)
                 if fut is not None and not fut.done():
                     fut.set_result(e.outcome)
             elif isinstance(e, Alarm):

@@ -225,14 +225,15 @@ class Cluster:
         return redis.Redis(host=HOST, port=n.port, **kw)  # type: ignore[arg-type]
 
     def wait_peers(self, timeout_s: float = 15.0) -> None:
-        """Wait until every running node has its links to every other running node up."""
+        """Wait until every running node has its links to every other running node up, and has
+        noticed that the links to stopped nodes are down."""
         deadline = time.monotonic() + timeout_s
         running = [n for n in self.nodes if n.running()]
         while time.monotonic() < deadline:
             ok = True
             for n in running:
                 info = self.client(n.node_id).info("paxos")
-                if int(info["peers_up"]) < len(running) - 1:
+                if int(info["peers_up"]) != len(running) - 1:
                     ok = False
                     break
             if ok:

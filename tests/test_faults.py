@@ -121,6 +121,10 @@ def test_losing_the_majority_fails_fast_then_recovers(slow_cluster: Cluster) -> 
     assert n1.execute_command("SETONCE", "before", "v") in (b"OK", True)
     c.kill(2)
     c.kill(3)
+    # Once node 1 knows its links are down, writes fail before anything is accepted. (A write
+    # that arrives in the few milliseconds before it notices may be UNCERTAIN instead: a key's
+    # owner accepts its own proposal first, see docs/design.md.)
+    c.wait_peers()
     for key in ("new1", "new2"):
         with pytest.raises(redis.ResponseError) as e:
             n1.execute_command("SETONCE", key, "x")
@@ -211,6 +215,7 @@ def test_five_nodes_survive_two_crashes(tmp_path: Path) -> None:
         assert c.client(4).execute_command("SETONCE", "five-2", "c") in (b"OK", True)
         assert c.client(3).get("five-2") == b"c"
         c.kill(4)  # now only 2 of 5: no majority
+        c.wait_peers()
         with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
             c.client(1).execute_command("SETONCE", "five-3", "d")
         c.start(2, 4, 5)

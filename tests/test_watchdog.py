@@ -1,0 +1,52 @@
+"""The server's safety net: an operation the core never finishes still gets an error reply.
+
+Every operation normally ends by its deadline through the core's own timers; the watchdog is
+there for bugs. The bug is simulated here by a core that swallows a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from respreg.config import PeerAddress, ServerConfig
+from respreg.core.node import NodeEffect
+from respreg.core.proposer import Chosen, Failed, Failure
+from respreg.server import NodeServer
+
+from .cluster import free_ports
+
+
+def test_an_operation_the_core_loses_is_answered_with_an_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        port, peer_port = free_ports(2)
+        config = ServerConfig(
+            node_id=1,
+            port=port,
+            peer_port=peer_port,
+            data_dir=tmp_path / "node1",
+            peers=(PeerAddress(1, "127.0.0.1", peer_port),),
+            deadline_ms=200,
+        )
+        server = NodeServer(config)
+        await server.start()
+        try:
+            assert server.core is not None
+            fut, _ = server.write(b"k", b"v")  # a one-node cluster: written at once
+            assert isinstance(await asyncio.wait_for(fut, 5), Chosen)
+
+            def lost(*args: object) -> list[NodeEffect]:
+                return []  # no request, no timer: the operation would wait forever
+
+            server.core.begin_read = lost  # type: ignore[method-assign]
+            server.core.begin_write = lost  # type: ignore[assignment]
+            read = server.read(b"other")
+            write, _ = server.write(b"other", b"v")
+            read_outcome = await asyncio.wait_for(read, 5)
+            write_outcome = await asyncio.wait_for(write, 5)
+            assert isinstance(read_outcome, Failed) and read_outcome.kind is Failure.NOQUORUM
+            assert isinstance(write_outcome, Failed) and write_outcome.kind is Failure.UNCERTAIN
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
