@@ -132,12 +132,12 @@ def wait_for(condition: Callable[[], bool], what: str, tries: int = 200) -> None
 
 
 def _key_in_same_directory(key: bytes, prefix: str) -> bytes:
-    """A new key whose state file lives in the same leaf directory as ``key``'s (the layout of
-    ``respreg.storage.KeyFiles.path_for``: blake2b-128 hex, two levels of two characters)."""
-    want = hashlib.blake2b(key, digest_size=16).hexdigest()[:4]
+    """A new key whose state file lives in the same directory as ``key``'s (the layout of
+    ``respreg.storage.KeyFiles.path_for``: blake2b-128 hex, under its first two characters)."""
+    want = hashlib.blake2b(key, digest_size=16).hexdigest()[:2]
     for i in range(1 << 24):
         candidate = f"{prefix}{i}".encode()
-        if hashlib.blake2b(candidate, digest_size=16).hexdigest()[:4] == want:
+        if hashlib.blake2b(candidate, digest_size=16).hexdigest()[:2] == want:
             return candidate
     raise AssertionError("no key found")
 

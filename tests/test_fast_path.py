@@ -72,24 +72,42 @@ def test_owner_that_ever_promised_the_key_runs_full_paxos() -> None:
     assert isinstance(s.outcomes[1], Chosen)
 
 
-def test_second_write_while_the_first_fast_write_is_pending_uses_paxos() -> None:
+def test_second_write_of_a_key_waits_for_the_first_and_fails_from_memory() -> None:
     s = Scripted(config=FAST)
     key = key_owned_by(1)
     s.write(1, 1, key, b"p1", b"first")
     s.write(1, 2, key, b"p2", b"second")
-    assert s.cores[NodeId(1)].stats["fast_writes"] == 1
+    core = s.cores[NodeId(1)]
+    assert core.stats["fast_writes"] == 1 and core.stats["writes_queued"] == 1
     s.settle([1, 2, 3])
-    # The prepare of the second write pre-empted the first at round 0: it backs off and retries.
-    while 1 not in s.outcomes:
-        phase_timers = {t.token for n, t in s.timers if n == 1 and t.op_id == 1 and t.token >= 0}
-        assert phase_timers, "the first write neither finished nor waits for a retry"
-        for token in phase_timers:
-            s.fire(1, 1, token)
-        s.settle([1, 2, 3])
     o1, o2 = s.outcomes[1], s.outcomes[2]
-    assert isinstance(o1, Chosen) and isinstance(o2, Chosen)
-    assert o1.proposal == o2.proposal  # one value, and exactly one of the two calls wrote it
-    assert o1.proposal.pid in (b"p1", b"p2")
+    assert isinstance(o1, Chosen) and o1.proposal.pid == b"p1"
+    assert isinstance(o2, Chosen) and o2.proposal.pid == b"p1"  # nil for the second call
+    # The second write never sent anything: no prepare anywhere, no second acceptance.
+    assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert all(s.cores[n].stats["accept_received"] == 1 for n in IDS)
+
+
+def test_queued_write_runs_when_the_first_fails() -> None:
+    s = Scripted(config=NodeConfig())
+    s.write(1, 1, b"k", b"p1", b"first")
+    s.write(1, 2, b"k", b"p2", b"second")
+    s.drop()
+    s.fire(1, 1, DEADLINE_TOKEN)  # the first write gets no answer at all
+    assert isinstance(s.outcomes[1], Failed)
+    assert s.requests, "the queued write starts once the first one ended"
+    s.settle([1, 2, 3])
+    o2 = s.outcomes[2]
+    assert isinstance(o2, Chosen) and o2.proposal.value in (b"first", b"second")
+
+
+def test_queued_write_that_times_out_is_noquorum() -> None:
+    s = Scripted(config=NodeConfig())
+    s.write(1, 1, b"k", b"p1", b"first")
+    s.write(1, 2, b"k", b"p2", b"second")
+    s.fire(1, 2)
+    o2 = s.outcomes[2]
+    assert isinstance(o2, Failed) and o2.kind is Failure.NOQUORUM  # it was never sent
 
 
 def test_fast_writes_switched_off_at_run_time() -> None:

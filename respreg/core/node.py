@@ -130,8 +130,9 @@ class NodeConfig:
     fast_writes: bool = False
 
 
-#: Timer token of a read waiting to ride on the next read round of its key.
-RIDE_TOKEN = -3
+#: Timer token of an operation waiting behind another of its key (a read for the next shared
+#: read round, a write for the write in flight): its deadline.
+WAIT_TOKEN = -3
 #: Forwarded writes remembered to drop duplicates. TCP never duplicates a request; a network
 #: that does (the simulator's) repeats one within a few delays, far fewer requests than this.
 PROPOSES_REMEMBERED = 65_536
@@ -145,6 +146,14 @@ class _ReadRound:
     riders: list[int]  # reads that started before that round and take its outcome
     waiting: list[int]  # reads that started during that round: they need the next one
     deadlines: dict[int, float]
+
+
+@dataclass(slots=True)
+class _WriteQueue:
+    """The write of a key this node runs, and the writes of that key waiting for it."""
+
+    running: int
+    waiting: list[tuple[int, Proposal, float]]
 
 
 @dataclass(slots=True)
@@ -216,6 +225,8 @@ class NodeCore:
         self._proposes_seen: OrderedDict[tuple[NodeId, int], None] = OrderedDict()
         self._peers_down: set[NodeId] = set()
         self._read_rounds: dict[bytes, _ReadRound] = {}
+        self._write_queues: dict[bytes, _WriteQueue] = {}
+        self._queued_writes: dict[int, bytes] = {}
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -238,6 +249,7 @@ class NodeCore:
             "forwards_received": 0,
             "forwards_fell_back": 0,
             "reads_shared": 0,
+            "writes_queued": 0,
         }
 
     # ---- client operations -------------------------------------------------------------------
@@ -259,6 +271,21 @@ class NodeCore:
             # Chosen before this call began: the write fails (linearizes right at its start).
             self.stats["writes_local_nil"] += 1
             return self._op_done(op_id, Chosen(known))
+        queue = self._write_queues.get(key)
+        if queue is not None:
+            # This node already writes the key. Racing it would only make the two proposals
+            # pre-empt each other; the earlier write almost always settles the key, and then
+            # this one fails at once from memory (see _write_done).
+            self.stats["writes_queued"] += 1
+            queue.waiting.append(
+                (op_id, proposal, self.config.proposer.deadline_ms if deadline_ms is None else deadline_ms)
+            )
+            self._queued_writes[op_id] = key
+            return [OpTimer(op_id, queue.waiting[-1][2], WAIT_TOKEN)]
+        self._write_queues[key] = _WriteQueue(op_id, [])
+        return self._start_write(op_id, key, proposal, deadline_ms)
+
+    def _start_write(self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None) -> list[NodeEffect]:
         owner = owner_of(key, self.nodes)
         if owner == self.me:
             # With a majority known to be out of reach, full Paxos fails with NOQUORUM before
@@ -313,7 +340,7 @@ class NodeCore:
                 outcome = Chosen(reply.proposal)
                 self._learn(fwd.key, reply.proposal)
                 self._count_outcome(outcome)
-                return [OpDone(op_id, outcome)]
+                return [OpDone(op_id, outcome), *self._write_done(fwd.key, op_id)]
             # The owner could not reach a majority; this node may. NOQUORUM from the owner means
             # it never sent the proposal for acceptance, so this node's attempt may say so too.
             return self._fall_back(op_id, maybe_sent=reply.kind != "NOQUORUM")
@@ -394,7 +421,7 @@ class NodeCore:
             self.stats["reads_shared"] += 1
             rnd.waiting.append(op_id)
             rnd.deadlines[op_id] = deadline
-            return [OpTimer(op_id, deadline, RIDE_TOKEN)]
+            return [OpTimer(op_id, deadline, WAIT_TOKEN)]
         self._read_rounds[key] = _ReadRound(op_id, [], [], {})
         return self._begin(op_id, key, None, deadline)
 
@@ -415,6 +442,42 @@ class NodeCore:
         self._read_rounds[key] = nxt = _ReadRound(leader, riders, [], rnd.deadlines)
         deadline = nxt.deadlines.pop(leader)
         return out + self._begin(leader, key, None, deadline)
+
+    def _write_done(self, key: bytes, op_id: int) -> list[NodeEffect]:
+        """The write ``op_id`` of ``key`` ended: the writes queued behind it fail from memory if
+        the key is now chosen, otherwise the first of them starts."""
+        queue = self._write_queues.get(key)
+        if queue is None or queue.running != op_id:
+            return []
+        known = self._chosen.get(key)
+        out: list[NodeEffect] = []
+        while queue.waiting:
+            w_op, w_proposal, w_deadline = queue.waiting.pop(0)
+            del self._queued_writes[w_op]
+            if known is not None:
+                # Chosen before this write took effect (it began earlier, but nothing of it was
+                # sent): it linearizes after the choice and fails, as in begin_write.
+                self.stats["writes_local_nil"] += 1
+                outcome = Chosen(known)
+                self._count_outcome(outcome)
+                out += self._op_done(w_op, outcome)
+                continue
+            queue.running = w_op
+            return out + self._start_write(w_op, key, w_proposal, w_deadline)
+        del self._write_queues[key]
+        return out
+
+    def _wait_expired(self, op_id: int) -> list[NodeEffect] | None:
+        """An operation's deadline passed while it waited behind another of its key: a write
+        never sent (NOQUORUM), or a read waiting for or riding on a shared round."""
+        key = self._queued_writes.pop(op_id, None)
+        if key is not None:
+            queue = self._write_queues[key]
+            queue.waiting = [w for w in queue.waiting if w[0] != op_id]
+            outcome = Failed(Failure.NOQUORUM, "deadline passed behind an earlier write of the same key; not sent")
+            self._count_outcome(outcome)
+            return self._op_done(op_id, outcome)
+        return self._ride_expired(op_id)
 
     def _ride_expired(self, op_id: int) -> list[NodeEffect] | None:
         """A read's deadline passed while it waited for or rode on a shared round."""
@@ -470,8 +533,8 @@ class NodeCore:
         return self._round
 
     def on_timer(self, op_id: int, token: int) -> list[NodeEffect]:
-        if token == RIDE_TOKEN:
-            expired = self._ride_expired(op_id)
+        if token == WAIT_TOKEN:
+            expired = self._wait_expired(op_id)
             if expired is not None:
                 return expired
             # It leads a round by now: its deadline still runs from when it began.
@@ -484,7 +547,7 @@ class NodeCore:
                     self._outstanding.pop(req_id, None)
                 outcome = Failed(Failure.UNCERTAIN, f"the key's owner did not answer within {fwd.deadline_ms:.0f} ms")
                 self._count_outcome(outcome)
-                return [OpDone(op_id, outcome)]
+                return [OpDone(op_id, outcome), *self._write_done(fwd.key, op_id)]
             return []
         p = self._ops.get(op_id)
         if p is None:
@@ -531,7 +594,9 @@ class NodeCore:
                 if isinstance(e.outcome, Chosen):
                     self._learn(p.key, e.outcome.proposal)
                 self._drop_op(op_id)
-                if not p.is_write and p.trust_learned:
+                if p.is_write:
+                    out += self._write_done(p.key, op_id)
+                elif p.trust_learned:
                     out += self._read_round_done(p.key, op_id, e.outcome)
         for req_id, msg in local:
             out += self.on_request(self.me, req_id, msg)
