@@ -38,8 +38,8 @@ def test_an_operation_the_core_loses_is_answered_with_an_error(tmp_path: Path) -
             def lost(*args: object) -> list[NodeEffect]:
                 return []  # no request, no timer: the operation would wait forever
 
-            server.core.begin_read = lost  # type: ignore[method-assign]
-            server.core.begin_write = lost  # type: ignore[assignment]
+            server.core.begin_read = lost  # type: ignore[method-assign,assignment]
+            server.core.begin_write = lost  # type: ignore[method-assign,assignment]
             read = server.read(b"other")
             write, _ = server.write(b"other", b"v")
             read_outcome = await asyncio.wait_for(read, 5)
