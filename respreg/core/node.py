@@ -311,9 +311,9 @@ class NodeCore:
         self, op_id: int, owner: NodeId, key: bytes, proposal: Proposal, deadline_ms: float | None
     ) -> list[NodeEffect]:
         """Ask ``owner`` to write ``proposal``: it can use its one-round-trip path, this node
-        cannot. If the owner does not answer within a phase timeout, or cannot be reached, this
-        node runs full Paxos for the same proposal itself (safe alongside the owner's attempt:
-        both propose the same proposal id, so the outcome is reported exactly)."""
+        cannot. If the link to the owner fails, or the owner's own attempt fails, this node runs
+        full Paxos for the same proposal itself (safe alongside the owner's attempt: both
+        propose the same proposal id, so the outcome is reported exactly)."""
         if op_id in self._ops or op_id in self._forwards:
             raise ValueError(f"operation {op_id} already running")
         deadline = self.config.proposer.deadline_ms if deadline_ms is None else deadline_ms
