@@ -70,6 +70,7 @@ class ClientProtocol(asyncio.Protocol):
         self.key_write: dict[bytes, asyncio.Future[Any]] = {}
         self._flush_scheduled = False
         self._pending_out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()  # cached: each lookup is a getpid() system call
         #: Set while a command that waited behind earlier ones starts: what is left of its deadline.
         self.budget_ms: float | None = None
         self.inflight = 0
@@ -201,7 +202,7 @@ class ClientProtocol(asyncio.Protocol):
             # Many operations finish in one event-loop iteration (a shared read round, a group
             # commit): their replies leave in one write, after that iteration's callbacks ran.
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -229,18 +229,21 @@ def decode_reply(r: list[object]) -> tuple[int, Reply]:
 class _Batcher:
     """Collects what one event-loop iteration sends on a link and writes it in one syscall."""
 
-    __slots__ = ("_out", "_scheduled", "transport")
+    __slots__ = ("_out", "_scheduled", "transport", "_loop")
 
     def __init__(self) -> None:
         self._out: list[bytes] = []
         self._scheduled = False
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, data: bytes) -> None:
         self._out.append(data)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()  # cached: each lookup calls getpid()
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -475,6 +478,7 @@ class PeerLink(asyncio.Protocol):
         self._last_rx = 0.0
         self._batch = _Batcher()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.connects = 0
         self.ups = 0
@@ -582,7 +586,9 @@ class PeerLink(asyncio.Protocol):
             self._drop(str(exc) if exc else "closed by peer")
 
     def data_received(self, data: bytes) -> None:
-        self._last_rx = asyncio.get_running_loop().time()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # cached: each lookup calls getpid()
+        self._last_rx = self._loop.time()
         self._reader.feed(data)
         while True:
             try:
