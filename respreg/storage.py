@@ -267,8 +267,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Temp file names: a random tag drawn once per process, then a counter (itertools.count is
+#: thread-safe under the GIL). Unique among this process's writers and, with 64 random bits,
+#: distinct from any temp file an earlier process may have left behind.
+_TEMP_TAG = secrets.token_hex(8)
+_temp_numbers = itertools.count()
+
+
 def _temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
+    return final.with_name(f".{final.name}.{_TEMP_TAG}{next(_temp_numbers):x}.tmp")
 
 
 class DurabilityError(OSError):
