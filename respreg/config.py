@@ -41,7 +41,9 @@ class ServerConfig:
     max_inflight_per_client: int = 1024
     state_cache_keys: int = 100_000
     chosen_cache_keys: int = 1_000_000
-    chosen_cache_bytes: int = 256 * 1024 * 1024
+    #: Bounds the memory of chosen values kept for local reads (entries counted with their
+    #: overhead, see respreg.core.node.CHOSEN_ENTRY_OVERHEAD).
+    chosen_cache_bytes: int = 128 * 1024 * 1024
     fsync_threads: int = 8
     #: Owners write their keys in one round trip at the reserved round 0 (docs/design.md).
     fast_writes: bool = True

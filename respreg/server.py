@@ -472,8 +472,7 @@ class NodeServer:
     def chosen_value(self, key: bytes) -> bytes | None:
         """The value this node already knows is chosen for ``key`` (answerable from memory)."""
         assert self.core is not None
-        p = self.core.chosen(key)
-        return None if p is None else p.value
+        return self.core.chosen_value(key)
 
     def write(
         self, key: bytes, value: bytes, deadline_ms: float | None = None

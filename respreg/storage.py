@@ -309,6 +309,10 @@ def _write_temp(final: Path, data: bytes) -> Path:
     return tmp
 
 
+#: File in ``keys/`` whose presence means every file already has the one-level layout.
+LAYOUT_MARKER = "LAYOUT"
+
+
 def _subdirs(path: Path) -> list[str]:
     try:
         return [e.name for e in os.scandir(path) if e.is_dir() and len(e.name) == 2]
@@ -369,8 +373,15 @@ class KeyFiles:
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="respreg-io")
         self._root_text = str(self.root)
-        self._create_fan_out()
-        self._migrate_two_level_layout()
+        # The marker says the store has its one-level layout: start-up then costs the same
+        # with a million keys as with none. Without it (a new store, or one written by 0.1), the
+        # directories are created and old files moved up before the marker is written.
+        marker = self.root / LAYOUT_MARKER
+        if not marker.exists():
+            self._create_fan_out()
+            self._migrate_two_level_layout()
+            _replace_durably(marker, b"respreg key layout 2: keys/<hex[0:2]>/<hex>\n")
+            _fsync_dir(self.root)
 
     def _create_fan_out(self) -> None:
         """Create the 256 directories (fsyncing the root once if any was missing)."""

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from respreg.core.types import NO_BALLOT, AcceptorState, Ballot, Proposal
 from respreg.storage import (
     JOINING,
+    LAYOUT_MARKER,
     VOTING,
     CorruptStateError,
     DataDirError,
@@ -113,7 +114,7 @@ def test_round_trip_binary_keys_and_big_values(files: KeyFiles) -> None:
 
 def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
     assert files.load(b"never") is None
-    assert [p for p in files.root.rglob("*") if not p.is_dir()] == []
+    assert [p for p in files.root.rglob("*") if not p.is_dir() and p.name != LAYOUT_MARKER] == []
 
 
 def test_overwrite_and_duplicate_keys_last_wins(files: KeyFiles) -> None:
@@ -131,7 +132,7 @@ def test_fan_out_layout(files: KeyFiles) -> None:
     assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
     assert top == name[0:2]
     # All 256 directories exist from the start: a write never creates one.
-    assert sorted(p.name for p in files.root.iterdir()) == [f"{i:02x}" for i in range(256)]
+    assert sorted(p.name for p in files.root.iterdir()) == sorted([f"{i:02x}" for i in range(256)] + [LAYOUT_MARKER])
     files.write_many([(b"some key", SAMPLE)])
     assert path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == [name]
@@ -149,13 +150,24 @@ def test_old_two_level_layout_is_moved_up_before_anything_is_read(tmp_path: Path
         (leaf / f".{name}.0123.tmp").write_bytes(b"an unfinished write")
     kf = KeyFiles(root)
     try:
+        assert (root / LAYOUT_MARKER).is_file()
         for key, state in states.items():
             assert kf.load(key) == state
-        assert all(len(p.relative_to(root).parts) == 2 for p in root.rglob("*") if p.is_file())
+        assert all(len(p.relative_to(root).parts) == 2 for p in root.rglob("*") if p.is_file() and p.parent != root)
         assert not any(p.name.endswith(".tmp") for p in root.rglob("*"))
         assert sorted(k for _, k, _ in kf.scan("", 1000)) == sorted(states)
     finally:
         kf.close()
+
+
+def test_start_up_does_not_look_at_the_key_files_once_the_layout_is_marked(tmp_path: Path) -> None:
+    root = tmp_path / "keys"
+    KeyFiles(root).close()
+    # A stray second-level directory is not looked for again: opening a store with a million
+    # keys costs what opening an empty one costs.
+    (root / "ab" / "cd").mkdir()
+    KeyFiles(root).close()
+    assert (root / "ab" / "cd").is_dir()
 
 
 def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:
@@ -173,7 +185,7 @@ def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:
     finally:
         fresh.close()
     assert not list(root.rglob("*.tmp"))
-    assert sum(1 for p in root.rglob("*") if p.is_file()) == 1000
+    assert sum(1 for p in root.rglob("*") if p.is_file() and p.parent != root) == 1000
 
 
 def _write_one(files: KeyFiles, key: bytes, state: AcceptorState) -> Path:

@@ -124,6 +124,8 @@ class NodeConfig:
     state_cache_keys: int = 100_000
     #: Chosen proposals remembered for local reads, bounded by count and by bytes.
     chosen_cache_keys: int = 1_000_000
+    #: Counted as key + id + value + CHOSEN_ENTRY_OVERHEAD bytes per entry: close to what the
+    #: process really spends on it.
     chosen_cache_bytes: int = 128 * 1024 * 1024
     #: Let this node write the keys it owns in one round trip at the reserved round 0 (see
     #: docs/design.md). The driver may switch it off at run time through ``NodeCore.fast_writes``.
@@ -165,6 +167,11 @@ class _Forward:
     deadline_ms: float
 
 
+#: Memory one chosen-cache entry costs beyond its key, id and value bytes (three bytes objects,
+#: a tuple, an ordered-dict entry), measured with tracemalloc on CPython 3.11: about 260 bytes.
+CHOSEN_ENTRY_OVERHEAD = 260
+
+
 class _Slot:
     """A key's acceptor as this node holds it: state, versions, and replies waiting for fsync."""
 
@@ -202,7 +209,10 @@ class NodeCore:
         # earlier, forgotten incarnation of the same key's slot.
         self._version = 0
         self._slots: OrderedDict[bytes, _Slot] = OrderedDict()
-        self._chosen: OrderedDict[bytes, Proposal] = OrderedDict()
+        # key -> (proposal id, value). Plain tuples of bytes, not Proposal objects: the cyclic
+        # garbage collector stops tracking such tuples, so a cache of a million values adds
+        # nothing to its passes (Proposal instances would all be scanned by every full pass).
+        self._chosen: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         self._chosen_bytes = 0
         self._ops: dict[int, Proposer] = {}
         self._op_reqs: dict[int, list[int]] = {}
@@ -257,9 +267,18 @@ class NodeCore:
     def chosen(self, key: bytes) -> Proposal | None:
         """The proposal this node knows is chosen for ``key``, if any (never changes once set)."""
         p = self._chosen.get(key)
-        if p is not None:
-            self._chosen.move_to_end(key)
-        return p
+        if p is None:
+            return None
+        self._chosen.move_to_end(key)
+        return Proposal(p[0], p[1])
+
+    def chosen_value(self, key: bytes) -> bytes | None:
+        """The value of :meth:`chosen`, without building a Proposal (the GET hot path)."""
+        p = self._chosen.get(key)
+        if p is None:
+            return None
+        self._chosen.move_to_end(key)
+        return p[1]
 
     def begin_write(
         self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None = None
@@ -449,7 +468,7 @@ class NodeCore:
         queue = self._write_queues.get(key)
         if queue is None or queue.running != op_id:
             return []
-        known = self._chosen.get(key)
+        known = self.chosen(key)
         out: list[NodeEffect] = []
         while queue.waiting:
             w_op, w_proposal, w_deadline = queue.waiting.pop(0)
@@ -655,7 +674,7 @@ class NodeCore:
         # "chosen" vouches for the proposal the reply carries, which is this acceptor's own
         # accepted one: it may be an older proposal than the chosen one this node learned.
         known = self._chosen.get(msg.key)
-        chosen = known is not None and known == old.proposal
+        chosen = known is not None and old.proposal is not None and known == (old.proposal.pid, old.proposal.value)
         reply: Reply
         if isinstance(msg, Prepare):
             self.stats["prepare_received"] += 1
@@ -744,13 +763,13 @@ class NodeCore:
         if key in self._chosen:
             self._chosen.move_to_end(key)
             return
-        self._chosen[key] = proposal
-        self._chosen_bytes += len(key) + len(proposal.value) + len(proposal.pid)
+        self._chosen[key] = (proposal.pid, proposal.value)
+        self._chosen_bytes += len(key) + len(proposal.value) + len(proposal.pid) + CHOSEN_ENTRY_OVERHEAD
         while self._chosen and (
             len(self._chosen) > self.config.chosen_cache_keys or self._chosen_bytes > self.config.chosen_cache_bytes
         ):
-            k, p = self._chosen.popitem(last=False)
-            self._chosen_bytes -= len(k) + len(p.value) + len(p.pid)
+            k, (pid, value) = self._chosen.popitem(last=False)
+            self._chosen_bytes -= len(k) + len(value) + len(pid) + CHOSEN_ENTRY_OVERHEAD
 
     def set_voting(self, reason_not: str | None) -> None:
         """Let this node's acceptor vote (None), or make it refuse every prepare, accept and read
