@@ -1358,8 +1358,8 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
             if not any(w in name for w in ("run_forever", "NodeServer.start", "<module>"))
         ][:3]
         out.append(
-            f"- Start-up grows with the number of keys: opening a node's store (`respreg.storage.KeyFiles(...)`) "
-            f"took {min(opened)} s at {nk:,} keys against {min(base.get('keyfiles_open_s') or [0])} s at {nb:,}"
+            f"- Opening a node's store (`respreg.storage.KeyFiles(...)`) took {min(opened)} s at {nk:,} keys "
+            f"against {min(base.get('keyfiles_open_s') or [0])} s at {nb:,}"
             + (f"; in the profiled start the largest respreg shares were {', '.join(shares)}." if shares else ".")
         )
     mem = {e["phase"]: e["nodes"] for e in big.get("memory", [])}
@@ -1374,9 +1374,7 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
                 f"- Memory grows with the chosen-value cache: node {node} went from {start[node]['rss_mb']:.0f} MB to "
                 f"{swept[node]['rss_mb']:.0f} MB while its caches grew to {swept[node]['cached_chosen']:,} chosen "
                 f"values and {swept[node]['cached_states']:,} acceptor states, about {per_key:,.0f} bytes of RSS "
-                f"per cached key; the caches' bounds (server defaults: state_cache_keys 100,000, "
-                f"chosen_cache_keys 1,000,000, chosen_cache_bytes 256 MiB of key + value + id bytes) let it hold "
-                f"every key of this run."
+                f"per cached key, within the caches' bounds (server defaults: {_server_cache_defaults()})."
             )
     stalls = [w for w in big.get("workloads", []) if w.get("ping_stalls")]
     worst = max((v["max_ms"] for w in stalls for v in w["ping_stalls"].values()), default=0.0)
@@ -1403,6 +1401,22 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
         )
     out.append("")
     return out
+
+
+def _server_cache_defaults() -> str:
+    """The cache bounds of ``respreg serve`` as this checkout defines them."""
+    from respreg.config import ServerConfig
+    from respreg.core.node import CHOSEN_ENTRY_OVERHEAD
+
+    fields = ServerConfig.__dataclass_fields__
+    states = fields["state_cache_keys"].default
+    keys = fields["chosen_cache_keys"].default
+    size = fields["chosen_cache_bytes"].default
+    assert isinstance(states, int) and isinstance(keys, int) and isinstance(size, int)
+    return (
+        f"state_cache_keys {states:,}, chosen_cache_keys {keys:,}, chosen_cache_bytes {size // 2**20} MiB "
+        f"counting key + value + id + {CHOSEN_ENTRY_OVERHEAD} bytes per entry"
+    )
 
 
 def _worst_ping(run: dict[str, Any]) -> float:
@@ -1552,7 +1566,7 @@ def main(argv: list[str] | None = None) -> int:
             "before_cluster_start": getattr(args, "storage_before_start", None),
             "at_end": storage_fingerprint(),
         },
-        "server_config": "defaults: state_cache_keys 100000, chosen_cache_keys 1000000, chosen_cache_bytes 256 MiB",
+        "server_config": f"defaults: {_server_cache_defaults()}",
         "versions": {
             "respreg": f"{tool_version([sys.executable, '-m', 'respreg', '--version'])} ({git_describe()})",
             "redis-benchmark": tool_version(["redis-benchmark", "--version"]),
