@@ -15,7 +15,7 @@ import resource
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
@@ -60,6 +60,32 @@ log = logging.getLogger("respreg.server")
 
 _UNREACHABLE = Unreachable()
 _ALARMS_LOGGED_MAX = 10_000
+
+
+DumpEntry = tuple[str, bytes, AcceptorState]
+
+
+class DumpStream:
+    """One member's durable states, read page by page in file-name order (``dump(cursor)``
+    returns the next cursor, None after the last page, and the page), and handed out one file-name
+    prefix at a time: everything up to that prefix, read ahead by at most one page."""
+
+    def __init__(self, dump: Callable[[str], Awaitable[tuple[str | None, list[DumpEntry]]]]) -> None:
+        self._dump = dump
+        self._cursor: str | None = ""
+        self._buffer: deque[DumpEntry] = deque()
+
+    async def take(self, prefix: str) -> list[DumpEntry]:
+        """Every entry whose file name sorts up to ``prefix`` (names start with two hex digits;
+        call with increasing prefixes)."""
+        out: list[DumpEntry] = []
+        while True:
+            while self._buffer and self._buffer[0][0][: len(prefix)] <= prefix:
+                out.append(self._buffer.popleft())
+            if self._buffer or self._cursor is None:
+                return out
+            self._cursor, entries = await self._dump(self._cursor)
+            self._buffer.extend(entries)
 
 
 class NodeServer:
@@ -365,8 +391,7 @@ class NodeServer:
                 continue
             sources = up[:need]
             try:
-                unsettled = await self._unsettled_keys(sources)
-                repaired = await self._repair(unsettled)
+                repaired = await self._rebuild_from(sources)
             except (ConnectionError, RuntimeError, TimeoutError, OSError) as exc:
                 log.warning("rebuild from nodes %s failed, retrying: %s", [s.peer for s in sources], exc)
                 await asyncio.sleep(1.0)
@@ -382,19 +407,24 @@ class NodeServer:
             for link in self.links.values():
                 link.announce_identity()
 
-    async def _unsettled_keys(self, sources: list[PeerLink]) -> list[bytes]:
-        """Keys for which ``sources`` show an accepted proposal but no majority at one ballot."""
+    async def _rebuild_from(self, sources: list[PeerLink]) -> int:
+        """Complete through Paxos every key for which ``sources`` show an accepted proposal but
+        no majority at one ballot. The dumps are read one key directory (file-name prefix) at a
+        time, so memory holds one 256th of the keys, not all of them. Returns the keys completed."""
         need = len(self.config.peers) // 2 + 1
-        accepted: dict[bytes, dict[Ballot, int]] = {}
-        for link in sources:
-            cursor: str | None = ""
-            while cursor is not None:
-                cursor, entries = await link.dump(cursor)
-                for _, key, state in entries:
+        streams = [DumpStream(link.dump) for link in sources]
+        repaired = 0
+        for i in range(256):
+            prefix = f"{i:02x}"
+            accepted: dict[bytes, dict[Ballot, int]] = {}
+            for stream in streams:
+                for _, key, state in await stream.take(prefix):
                     if state.proposal is not None:
                         counts = accepted.setdefault(key, {})
                         counts[state.accepted] = counts.get(state.accepted, 0) + 1
-        return [key for key, counts in accepted.items() if max(counts.values()) < need]
+            unsettled = [key for key, counts in accepted.items() if max(counts.values()) < need]
+            repaired += await self._repair(unsettled)
+        return repaired
 
     async def _repair(self, keys: list[bytes]) -> int:
         """Complete every key through Paxos among the other nodes; raise if one cannot be."""
