@@ -38,7 +38,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -56,8 +55,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import HOST, CommandLog, Server, ServerGroup, machine_facts, run_measured, tool_version
-from run import parse_benchmark_csv
+from harness import (
+    HOST,
+    CommandLog,
+    Server,
+    ServerGroup,
+    machine_facts,
+    proc_cpu_seconds,
+    run_measured,
+    tool_version,
+)
+from run import finite, parse_benchmark_csv
 
 from respreg import storage
 from respreg.core import types as core_types
@@ -191,16 +199,6 @@ def proc_memory_kb(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def proc_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> str:
@@ -469,7 +467,7 @@ class Cluster:
         self.group.check_alive()
 
     def cpu_s(self) -> float:
-        return sum(proc_cpu_s(s.pid) for s in self.procs.values())
+        return sum(proc_cpu_seconds(s.pid) for s in self.procs.values())
 
     def wait_voting(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -1434,16 +1432,6 @@ def write_section(path: Path, section: str) -> None:
     if text and not text.endswith("\n\n"):
         text = text.rstrip("\n") + "\n\n"
     path.write_text(text + section)
-
-
-def finite(o: object) -> object:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: finite(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [finite(v) for v in o]
-    return o
 
 
 def git_describe() -> str:
