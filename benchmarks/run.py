@@ -551,7 +551,7 @@ def compute_ratios(rows: list[Row]) -> None:
 
 def versions() -> dict[str, str]:
     return {
-        "respreg": f"{tool_version([sys.executable, '-m', 'respreg', '--version'])} ({_git_describe()})",
+        "respreg": f"{tool_version([sys.executable, '-m', 'respreg', '--version'])} ({git_describe()})",
         "redis-server": tool_version(["redis-server", "--version"]),
         "redis-benchmark": tool_version(["redis-benchmark", "--version"]),
         "etcd": tool_version(["etcd", "--version"]),
@@ -561,7 +561,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def _git_describe() -> str:
+def git_describe() -> str:
     """The commit the measured respreg came from, and whether respreg/ differed from it (read-only git)."""
     repo = HERE.parent
     try:

@@ -65,7 +65,7 @@ from harness import (
     run_measured,
     tool_version,
 )
-from run import finite, parse_benchmark_csv
+from run import finite, git_describe, parse_benchmark_csv
 
 from respreg import storage
 from respreg.core import types as core_types
@@ -1432,23 +1432,6 @@ def write_section(path: Path, section: str) -> None:
     if text and not text.endswith("\n\n"):
         text = text.rstrip("\n") + "\n\n"
     path.write_text(text + section)
-
-
-def git_describe() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", str(HERE.parent), "diff-index", "--name-only", "HEAD", "--", "respreg"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return "git commit unknown"
-    suffix = f", with uncommitted changes to {len(changed)} file(s) in respreg/" if changed else ""
-    return f"git {head}{suffix}" if head else "git commit unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
