@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from respreg.core.types import NodeId, owner_of
 from tests.chaos.cluster import ChaosCluster
 from tests.chaos.disk import DiskControl, build_shim, shim_unavailable, tmpfs_unavailable
 from tests.chaos.nemesis import DISK_FAULTS, FsyncEio, Kill, Nemesis, Nft, nft_unavailable
@@ -131,13 +132,17 @@ def wait_for(condition: Callable[[], bool], what: str, tries: int = 200) -> None
     raise AssertionError(f"gave up waiting for {what}")
 
 
-def _key_in_same_directory(key: bytes, prefix: str) -> bytes:
+def _key_in_same_directory(key: bytes, prefix: str, stored_on: int) -> bytes:
     """A new key whose state file lives in the same directory as ``key``'s (the layout of
-    ``respreg.storage.KeyFiles.path_for``: blake2b-128 hex, under its first two characters)."""
+    ``respreg.storage.KeyFiles.path_for``: blake2b-128 hex, under its first two characters), and
+    that node ``stored_on`` stores when it is written: in a cluster of three, a key's owner does
+    not (docs/design.md, round 0)."""
     want = hashlib.blake2b(key, digest_size=16).hexdigest()[:2]
+    members = [NodeId(1), NodeId(2), NodeId(3)]
     for i in range(1 << 24):
         candidate = f"{prefix}{i}".encode()
-        if hashlib.blake2b(candidate, digest_size=16).hexdigest()[:2] == want:
+        same_dir = hashlib.blake2b(candidate, digest_size=16).hexdigest()[:2] == want
+        if same_dir and owner_of(candidate, members) != stored_on:
             return candidate
     raise AssertionError("no key found")
 
@@ -160,6 +165,7 @@ def test_disk_nemesis_restarts_nodes_that_need_it(tmp_path: Path) -> None:
         cluster.wait_peers()
         nemesis = Nemesis(cluster, disks=disks, log=lambda s: print(s, flush=True))
         with cluster.client(1) as r:
+            assert owner_of(b"d:first", [NodeId(1), NodeId(2), NodeId(3)]) != 3  # so node 3 stores it
             assert r.execute_command("SETONCE", "d:first", "1") in (b"OK", True)
         # Node 3 stored a state of that key (so it knows the key's leaf directory).
         wait_for(lambda: str(info(cluster, 3, "persistence")["group_commit_writes"]) != "0", "node 3 to store a state")
@@ -169,7 +175,7 @@ def test_disk_nemesis_restarts_nodes_that_need_it(tmp_path: Path) -> None:
         eio = FsyncEio(nemesis, [3], dirs_only=True)
         nemesis.start(eio)
         assert frozenset({1, 2}) == nemesis.topology.healthy()
-        key = _key_in_same_directory(b"d:first", "d:next:")
+        key = _key_in_same_directory(b"d:first", "d:next:", stored_on=3)
         with cluster.client(1) as r:
             assert r.execute_command("SETONCE", key, "2") in (b"OK", True)  # nodes 1 and 2 suffice
         wait_for(lambda: info(cluster, 3, "paxos")["acceptor"] == "disk-failed", "node 3 to stop voting")

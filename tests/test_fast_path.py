@@ -6,15 +6,20 @@ runs the same paths under loss, duplication, crashes and amnesia (tests/test_sim
 
 from __future__ import annotations
 
-from respreg.core.node import NodeConfig
+from respreg.core import acceptor
+from respreg.core.node import NodeConfig, NodeCore
 from respreg.core.proposer import DEADLINE_TOKEN, Chosen, Empty, Failed, Failure
 from respreg.core.types import (
+    EMPTY_STATE,
     FAST_ROUND,
     Accept,
+    Accepted,
     AcceptorState,
     Ballot,
+    Nack,
     NodeId,
     Prepare,
+    Proposal,
     Propose,
     Unreachable,
     Written,
@@ -25,12 +30,13 @@ from .sim.script import Scripted
 
 FAST = NodeConfig(fast_writes=True)
 IDS = [NodeId(1), NodeId(2), NodeId(3)]
+IDS5 = [NodeId(i) for i in range(1, 6)]
 
 
-def key_owned_by(node: int, prefix: bytes = b"k") -> bytes:
+def key_owned_by(node: int, prefix: bytes = b"k", ids: list[NodeId] = IDS) -> bytes:
     for i in range(10_000):
         key = prefix + b"%d" % i
-        if owner_of(key, IDS) == node:
+        if owner_of(key, ids) == node:
             return key
     raise AssertionError("no key found")
 
@@ -42,34 +48,197 @@ def test_owner_of_spreads_keys_and_agrees_everywhere() -> None:
     assert all(owner_of(b"key:%d" % i, list(reversed(IDS))) == o for i, o in enumerate(owners))
 
 
-def test_owner_accepts_locally_first_then_sends_accept_at_round_zero_without_prepare() -> None:
+def test_owner_of_three_sends_round_zero_to_both_others_and_stores_nothing_itself() -> None:
     s = Scripted(config=FAST)
     key = key_owned_by(1)
+    s.write(1, 1, key, b"p1", b"v")
+    # No fsync on the owner first: the accepts leave at once, to the two other nodes only.
+    assert s.persists == []
+    sent = [(r.dst, r.msg) for r in s.requests]
+    assert sorted(dst for dst, _ in sent) == [2, 3]
+    assert all(isinstance(m, Accept) and m.ballot == Ballot(FAST_ROUND, 1, 0) for _, m in sent)
+    s.deliver(src=1, dst=2)
+    s.flush(2)
+    s.deliver(src=2, dst=1)
+    assert 1 not in s.outcomes, "one acceptance of round 0 is not enough: both others must hold it"
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[1]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p1"
+    assert key not in s.disk[NodeId(1)]
+    assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 1, 0) for n in (NodeId(2), NodeId(3)))
+    assert s.cores[NodeId(1)].stats["fast_writes"] == 1
+    assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+
+
+def test_round_zero_nacked_by_one_other_node_falls_back_to_paxos_at_once() -> None:
+    """Node 3 already holds another round-0 proposal (an earlier life of the owner sent it):
+    it refuses, and the owner prepares at once. Neither proposal was chosen, so Paxos may
+    complete either; whichever it is, a majority holds it and every node agrees."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    earlier = Proposal(b"old", b"earlier")
+    s.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 1, 7), Ballot(FAST_ROUND, 1, 7), earlier)
+    s.write(1, 1, key, b"p1", b"v")
+    s.deliver(src=1, dst=3)
+    assert s.cores[NodeId(3)].stats["nack_sent"] == 1
+    s.deliver(src=3, dst=1)
+    prepares = [r.msg for r in s.requests if isinstance(r.msg, Prepare)]
+    assert len(prepares) == 2 and all(m.ballot.round >= 1 for m in prepares)  # its own is local
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[1]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid in (b"p1", b"old")
+    holders = [n for n in IDS if (st := s.disk[n].get(key)) is not None and st.proposal == outcome.proposal]
+    assert len(holders) >= 2
+    assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+
+
+def test_round_zero_with_one_other_node_unreachable_falls_back_at_once() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    s.write(1, 1, key, b"p1", b"v")
+    (to3,) = [r for r in s.requests if r.dst == 3]
+    s.requests.remove(to3)
+    s.apply(NodeId(1), s.cores[NodeId(1)].on_peer_reply(to3.req_id, Unreachable()))
+    assert any(isinstance(r.msg, Prepare) for r in s.requests)
+    s.settle([1, 2])
+    outcome = s.outcomes[1]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p1"
+
+
+def test_owner_with_another_node_known_down_runs_full_paxos() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    s.cores[NodeId(1)].set_peer_up(NodeId(3), False)
+    s.write(1, 1, key, b"p1", b"v")
+    assert s.requests and all(isinstance(r.msg, Prepare) for r in s.requests)
+    s.settle([1, 2])
+    assert isinstance(s.outcomes[1], Chosen)
+
+
+def test_restarted_owner_cannot_choose_a_second_value_at_round_zero() -> None:
+    """The owner's first life got its round-0 proposal chosen by nodes 2 and 3 and died before
+    anyone learned it. Its next life (a new incarnation, nothing on its own disk) tries round 0
+    with another value: both others refuse, and Paxos returns the first value."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    s.write(1, 1, key, b"p1", b"first")
+    s.settle([2, 3], learn=False)
+    s.deliver(src=1)  # the accepts reach nodes 2 and 3 ...
+    s.flush(2)
+    s.flush(3)
+    s.drop()  # ... and the owner dies before their answers arrive
+    assert 1 not in s.outcomes
+    disk1 = s.disk[NodeId(1)]
+    s.cores[NodeId(1)] = NodeCore(NodeId(1), IDS, 1, lambda k: disk1.get(k, EMPTY_STATE), s.rng.random, FAST)
+    s.write(1, 2, key, b"p2", b"second")
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[2]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p1"
+
+
+def test_non_owner_of_three_forwards_and_the_owner_writes_at_round_zero_through_the_others() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.write(1, 7, key, b"p7", b"v")
+    assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)]
+    s.deliver(src=1, dst=2)
+    # The owner asks nodes 1 and 3 to accept at round 0; it stores nothing itself.
+    assert sorted((r.dst, type(r.msg)) for r in s.requests) == [(1, Accept), (3, Accept)]
+    assert s.persists == []
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
+    assert key not in s.disk[NodeId(2)]
+    assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 2, 0) for n in (NodeId(1), NodeId(3)))
+    assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+
+
+def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round() -> None:
+    """Nodes 1 and 3 both write a key node 2 owns: both forward, the owner runs the first write
+    at round 0 and the second fails from memory once the first is chosen."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.write(1, 1, key, b"p1", b"one")
+    s.write(3, 3, key, b"p3", b"three")
+    s.settle([1, 2, 3])
+    o1, o3 = s.outcomes[1], s.outcomes[3]
+    assert isinstance(o1, Chosen) and isinstance(o3, Chosen) and o1.proposal == o3.proposal
+    owner = s.cores[NodeId(2)]
+    assert owner.stats["forwards_received"] == 2 and owner.stats["writes_queued"] == 1
+    assert owner.stats["fast_writes"] == 1 and owner.stats["ballots_started"] == 0
+    assert all(s.cores[n].chosen(key) == o1.proposal for n in IDS)
+
+
+def test_owner_of_five_accepts_locally_first_then_sends_accept_at_round_zero_without_prepare() -> None:
+    s = Scripted(n=5, config=FAST)
+    ids5 = IDS5
+    key = key_owned_by(1, ids=IDS5)
     s.write(1, 1, key, b"p1", b"v")
     # Nothing leaves node 1 before its own acceptance of round 0 is on disk.
     assert s.requests == []
     assert [(n, p.state.accepted) for n, p in s.persists] == [(1, Ballot(FAST_ROUND, 1, 0))]
     s.flush(1)
     sent = [(r.dst, r.msg) for r in s.requests]
-    assert sorted(dst for dst, _ in sent) == [2, 3]
+    assert sorted(dst for dst, _ in sent) == [2, 3, 4, 5]
     assert all(isinstance(m, Accept) and m.ballot == Ballot(FAST_ROUND, 1, 0) for _, m in sent)
-    s.settle([1, 2, 3])
+    s.settle(range(1, 6))
     outcome = s.outcomes[1]
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p1"
-    assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 1, 0) for n in IDS)
-    assert s.cores[NodeId(1)].stats["fast_writes"] == 1
-    assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 1, 0) for n in ids5)
+    assert all(s.cores[n].stats["prepare_received"] == 0 for n in ids5)
 
 
 def test_owner_that_ever_promised_the_key_runs_full_paxos() -> None:
+    for n in (3, 5):
+        s = Scripted(n=n, config=FAST)
+        ids = [NodeId(i) for i in range(1, n + 1)]
+        key = next(k for k in (b"k%d" % i for i in range(1000)) if owner_of(k, ids) == 1)
+        s.disk[NodeId(1)][key] = AcceptorState(promised=Ballot(FAST_ROUND + 1, 2, 0))
+        s.write(1, 1, key, b"p1", b"v")
+        msgs = [r.msg for r in s.requests]
+        assert msgs and all(isinstance(m, Prepare) and m.ballot.round >= 1 for m in msgs)
+        s.settle(range(1, n + 1))
+        assert isinstance(s.outcomes[1], Chosen)
+
+
+def test_acceptor_takes_a_round_zero_proposal_only_while_it_holds_nothing() -> None:
+    b0 = Ballot(FAST_ROUND, 1, 5)
+    p = Proposal(b"p", b"v")
+    state, reply = acceptor.on_accept(EMPTY_STATE, Accept(b"k", b0, p))
+    assert isinstance(reply, Accepted) and state.proposal == p and state.accepted == b0
+    # The same proposal again (a retransmission): accepted, nothing changes.
+    again, reply = acceptor.on_accept(state, Accept(b"k", b0, p))
+    assert isinstance(reply, Accepted) and again == state
+    # Another proposal at the same round-0 ballot, or at a later incarnation's: refused.
+    for ballot in (b0, Ballot(FAST_ROUND, 1, 6)):
+        after, reply = acceptor.on_accept(state, Accept(b"k", ballot, Proposal(b"q", b"w")))
+        assert isinstance(reply, Nack) and after == state
+    # Rounds from 1 up follow plain Paxos.
+    b1 = Ballot(1, 2, 0)
+    after, reply = acceptor.on_accept(state, Accept(b"k", b1, Proposal(b"q", b"w")))
+    assert isinstance(reply, Accepted) and after.accepted == b1
+
+
+def test_read_never_takes_two_proposals_at_one_ballot_for_a_chosen_value() -> None:
+    """Nodes 2 and 3 hold different proposals at the same round-0 ballot (possible only after
+    an owner retried round 0 for the key): neither is chosen, so a read must complete one
+    through Paxos before answering, and what it answers is then held by a majority."""
     s = Scripted(config=FAST)
     key = key_owned_by(1)
-    s.disk[NodeId(1)][key] = AcceptorState(promised=Ballot(FAST_ROUND, 1, 0))
-    s.write(1, 1, key, b"p1", b"v")
-    msgs = [r.msg for r in s.requests]
-    assert msgs and all(isinstance(m, Prepare) and m.ballot.round >= 1 for m in msgs)
+    b0 = Ballot(FAST_ROUND, 1, 0)
+    s.disk[NodeId(2)][key] = AcceptorState(b0, b0, Proposal(b"a", b"A"))
+    s.disk[NodeId(3)][key] = AcceptorState(b0, b0, Proposal(b"b", b"B"))
+    s.read(2, 1, key)  # node 2's own answer (A at b0) is there at once
+    s.deliver(src=2, dst=3)
+    s.deliver(src=3, dst=2)  # B at b0: two answers at one ballot, but not one proposal
+    assert 1 not in s.outcomes
+    assert any(isinstance(r.msg, Prepare) for r in s.requests)
     s.settle([1, 2, 3])
-    assert isinstance(s.outcomes[1], Chosen)
+    outcome = s.outcomes[1]
+    assert isinstance(outcome, Chosen)
+    holders = [n for n in IDS if (st := s.disk[n].get(key)) is not None and st.proposal == outcome.proposal]
+    assert len(holders) >= 2
 
 
 def test_second_write_of_a_key_waits_for_the_first_and_fails_from_memory() -> None:
@@ -85,7 +254,7 @@ def test_second_write_of_a_key_waits_for_the_first_and_fails_from_memory() -> No
     assert isinstance(o2, Chosen) and o2.proposal.pid == b"p1"  # nil for the second call
     # The second write never sent anything: no prepare anywhere, no second acceptance.
     assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
-    assert all(s.cores[n].stats["accept_received"] == 1 for n in IDS)
+    assert [s.cores[n].stats["accept_received"] for n in IDS] == [0, 1, 1]
 
 
 def test_queued_write_runs_when_the_first_fails() -> None:
@@ -118,12 +287,13 @@ def test_fast_writes_switched_off_at_run_time() -> None:
     assert s.requests and all(isinstance(r.msg, Prepare) for r in s.requests)
 
 
-def test_non_owner_forwards_to_the_owner() -> None:
-    s = Scripted(config=FAST)
-    key = key_owned_by(2)
+def test_non_owner_of_five_forwards_to_the_owner() -> None:
+    """With five nodes only the owner writes at round 0; the others forward to it."""
+    s = Scripted(n=5, config=FAST)
+    key = key_owned_by(2, ids=IDS5)
     s.write(1, 7, key, b"p7", b"v")
     assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)]
-    s.settle([1, 2, 3])
+    s.settle(range(1, 6))
     outcome = s.outcomes[7]
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
     assert s.cores[NodeId(2)].stats["fast_writes"] == 1
@@ -140,13 +310,13 @@ def _fail_forward(s: Scripted, reply: Unreachable | Written) -> None:
 
 
 def test_forward_over_a_failed_link_falls_back_to_paxos_with_the_same_proposal() -> None:
-    s = Scripted(config=FAST)
-    key = key_owned_by(2)
+    s = Scripted(n=5, config=FAST)
+    key = key_owned_by(2, ids=IDS5)
     s.write(1, 7, key, b"p7", b"v")
     _fail_forward(s, Unreachable())
     msgs = [r.msg for r in s.requests]
     assert msgs and all(isinstance(m, Prepare) and m.ballot.round >= 1 for m in msgs)
-    s.settle([1, 3])
+    s.settle([1, 3, 4])
     outcome = s.outcomes[7]
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
     assert s.cores[NodeId(1)].stats["forwards_fell_back"] == 1
@@ -154,14 +324,14 @@ def test_forward_over_a_failed_link_falls_back_to_paxos_with_the_same_proposal()
 
 def test_failed_forward_is_uncertain_never_noquorum() -> None:
     """The owner may have sent the proposal for acceptance: NOQUORUM would be a lie."""
-    s = Scripted(config=FAST)
-    s.write(1, 7, key_owned_by(2), b"p7", b"v")
+    s = Scripted(n=5, config=FAST)
+    s.write(1, 7, key_owned_by(2, ids=IDS5), b"p7", b"v")
     s.drop()
     s.fire(1, 7, DEADLINE_TOKEN)  # no answer at all
     outcome = s.outcomes[7]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
     # The link failed, and the fallback to Paxos found no majority either.
-    s.write(1, 8, key_owned_by(2, b"other"), b"p8", b"v")
+    s.write(1, 8, key_owned_by(2, b"other", IDS5), b"p8", b"v")
     _fail_forward(s, Unreachable())
     assert s.requests, "the fallback sends prepares"
     s.drop()
@@ -169,7 +339,7 @@ def test_failed_forward_is_uncertain_never_noquorum() -> None:
     outcome = s.outcomes[8]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
     # The owner answered UNCERTAIN, and the fallback found no majority.
-    s.write(1, 9, key_owned_by(2, b"third"), b"p9", b"v")
+    s.write(1, 9, key_owned_by(2, b"third", IDS5), b"p9", b"v")
     _fail_forward(s, Written("UNCERTAIN", None, "owner cut off"))
     s.drop()
     s.fire(1, 9, DEADLINE_TOKEN)
@@ -179,41 +349,41 @@ def test_failed_forward_is_uncertain_never_noquorum() -> None:
 
 def test_owner_noquorum_lets_this_node_try_and_stay_exact() -> None:
     """The owner never sent it: this node tries itself, and may still answer NOQUORUM."""
-    s = Scripted(config=FAST)
-    s.write(1, 7, key_owned_by(2), b"p7", b"v")
-    _fail_forward(s, Written("NOQUORUM", None, "2 of 3 nodes unreachable"))
+    s = Scripted(n=5, config=FAST)
+    s.write(1, 7, key_owned_by(2, ids=IDS5), b"p7", b"v")
+    _fail_forward(s, Written("NOQUORUM", None, "3 of 5 nodes unreachable"))
     assert s.requests and all(isinstance(r.msg, Prepare) for r in s.requests)
     s.drop()
     s.fire(1, 7, DEADLINE_TOKEN)
     outcome = s.outcomes[7]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.NOQUORUM
     # And when this node does reach a majority, the write succeeds.
-    s.write(1, 8, key_owned_by(2, b"other"), b"p8", b"v")
-    _fail_forward(s, Written("NOQUORUM", None, "2 of 3 nodes unreachable"))
-    s.settle([1, 3])
+    s.write(1, 8, key_owned_by(2, b"other", IDS5), b"p8", b"v")
+    _fail_forward(s, Written("NOQUORUM", None, "3 of 5 nodes unreachable"))
+    s.settle([1, 3, 4])
     outcome = s.outcomes[8]
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p8"
 
 
 def test_writes_are_not_forwarded_to_an_owner_known_down() -> None:
-    s = Scripted(config=FAST)
-    key = key_owned_by(2)
+    s = Scripted(n=5, config=FAST)
+    key = key_owned_by(2, ids=IDS5)
     s.cores[NodeId(1)].set_peer_up(NodeId(2), False)
     s.write(1, 7, key, b"p7", b"v")
     assert s.requests and all(isinstance(r.msg, Prepare) for r in s.requests)
-    s.settle([1, 3])
+    s.settle([1, 3, 4])
     assert isinstance(s.outcomes[7], Chosen)
 
 
 def test_duplicated_forward_runs_one_operation() -> None:
-    s = Scripted(config=FAST)
-    key = key_owned_by(2)
+    s = Scripted(n=5, config=FAST)
+    key = key_owned_by(2, ids=IDS5)
     s.write(1, 7, key, b"p7", b"v")
     s.requests.append(s.requests[0])  # the network delivers the request twice
     s.deliver(src=1, dst=2)
     assert s.cores[NodeId(2)].stats["forwards_received"] == 1
     assert s.cores[NodeId(2)].ops_in_flight() == 1
-    s.settle([1, 2, 3])
+    s.settle(range(1, 6))
     assert isinstance(s.outcomes[7], Chosen)
 
 

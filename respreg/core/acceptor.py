@@ -8,6 +8,8 @@ that ordering for every driver. No I/O, clocks or randomness here.
 from __future__ import annotations
 
 from .types import (
+    FAST_ROUND,
+    NO_BALLOT,
     Accept,
     Accepted,
     AcceptorState,
@@ -31,9 +33,19 @@ def on_prepare(state: AcceptorState, msg: Prepare, chosen: bool) -> tuple[Accept
 
 
 def on_accept(state: AcceptorState, msg: Accept) -> tuple[AcceptorState, Accepted | Nack]:
-    """Accept ``msg.proposal`` at ``msg.ballot`` unless a higher ballot was promised."""
+    """Accept ``msg.proposal`` at ``msg.ballot`` unless a higher ballot was promised.
+
+    A round-0 ballot (the owner's unprepared write, see docs/design.md) is accepted only by an
+    acceptor that has accepted nothing yet, or that holds exactly this proposal at exactly this
+    ballot (a retransmission): an acceptor's round-0 acceptance, once made, never changes to
+    another proposal, whichever incarnation of the owner sends it.
+    """
     if msg.ballot < state.promised:
         return state, Nack(msg.ballot, state.promised)
+    if msg.ballot.round == FAST_ROUND and state.accepted != NO_BALLOT:
+        if state.accepted == msg.ballot and state.proposal == msg.proposal:
+            return state, Accepted(msg.ballot)
+        return state, Nack(msg.ballot, max(state.promised, state.accepted))
     if state.accepted == msg.ballot and state.promised == msg.ballot:
         # Retransmission: a ballot carries one proposal only, so nothing changes.
         return state, Accepted(msg.ballot)

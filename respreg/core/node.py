@@ -138,6 +138,8 @@ WAIT_TOKEN = -3
 #: Forwarded writes remembered to drop duplicates. TCP never duplicates a request; a network
 #: that does (the simulator's) repeats one within a few delays, far fewer requests than this.
 PROPOSES_REMEMBERED = 65_536
+#: Keys remembered whose round-0 write did not end chosen (see NodeCore._begin_fast_peers).
+FAST_SPENT_REMEMBERED = 65_536
 
 
 @dataclass(slots=True)
@@ -239,6 +241,11 @@ class NodeCore:
         self._read_rounds: dict[bytes, _ReadRound] = {}
         self._write_queues: dict[bytes, _WriteQueue] = {}
         self._queued_writes: dict[int, bytes] = {}
+        #: Round-0 writes to the two other nodes in flight (op id -> key), and the keys whose
+        #: round-0 attempt did not end chosen: round 0 is not used for them again (best effort,
+        #: bounded; acceptors make a reuse safe anyway, see _begin_fast_peers).
+        self._fast_ops: dict[int, bytes] = {}
+        self._fast_spent: OrderedDict[bytes, None] = OrderedDict()
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -398,6 +405,7 @@ class NodeCore:
     ) -> list[NodeEffect] | None:
         """The one-round-trip write of a key this node owns, or None when it may not be used.
 
+        In a cluster of three, see :meth:`_begin_fast_peers`. With five or more nodes:
         Round 0 of ``key`` belongs to this node alone, and this node's own acceptor records its
         use durably *before* any other node hears of it. So an empty acceptor state here proves
         that no lifetime of this data directory ever proposed at round 0 for ``key``: the ballot
@@ -405,6 +413,8 @@ class NodeCore:
         been chosen below it, and it carries exactly one proposal. Phase 1 has nothing to find,
         and the proposal goes straight to the accept phase (docs/design.md has the argument).
         """
+        if len(self.nodes) == 3:
+            return self._begin_fast_peers(op_id, key, proposal, deadline_ms)
         try:
             slot = self._slot(key)
         except Exception:  # noqa: BLE001 - an unreadable state: the normal path reports it
@@ -426,6 +436,38 @@ class NodeCore:
         if pending and sends:
             slot.held.append((slot.version, op_id, sends))
         return out
+
+    def _begin_fast_peers(
+        self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None
+    ) -> list[NodeEffect] | None:
+        """The one-round-trip write of an owned key in a cluster of three: the round-0 accept
+        goes to the two other nodes only, and the proposal is chosen when both accepted it.
+        This node's own acceptor never takes a round-0 proposal of a key it owns, so nothing
+        waits for a fsync here before the accepts leave.
+
+        Safe because the two other nodes are the only acceptors that ever hold a round-0
+        proposal of ``key``, each takes one only while it has accepted nothing, and a round-0
+        proposal is chosen only when both hold it: then no acceptor holds any other round-0
+        proposal of the key, now or later, whatever an earlier life of this node sent (see
+        docs/design.md). With one of them known down, full Paxos runs instead; a refusal or a
+        failed link during the attempt falls back to full Paxos at once.
+        """
+        acceptors = [n for n in self.nodes if n != self.me]
+        if any(n in self._peers_down for n in acceptors) or key in self._fast_spent:
+            return None
+        # Any state here means full Paxos touched the key (it prepares on every node, this one
+        # included): a round-0 write would only be refused, and could repeat ballot
+        # (0, me, incarnation) of an earlier round-0 attempt for another proposal.
+        try:
+            slot = self._slot(key)
+        except Exception:  # noqa: BLE001 - an unreadable state: the normal path reports it
+            return None
+        if slot.state != EMPTY_STATE:
+            return None
+        p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
+        self.stats["fast_writes"] += 1
+        self._fast_ops[op_id] = key
+        return self._run(op_id, p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors))
 
     def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
         self.stats["reads_started"] += 1
@@ -634,6 +676,11 @@ class NodeCore:
             self.stats["ops_uncertain"] += 1
 
     def _drop_op(self, op_id: int) -> None:
+        key = self._fast_ops.pop(op_id, None)
+        if key is not None and key not in self._chosen:
+            self._fast_spent[key] = None
+            if len(self._fast_spent) > FAST_SPENT_REMEMBERED:
+                self._fast_spent.popitem(last=False)
         self._ops.pop(op_id, None)
         for req_id in self._op_reqs.pop(op_id, ()):
             self._outstanding.pop(req_id, None)

@@ -164,6 +164,8 @@ class Proposer:
         self._ok: dict[NodeId, Reply] = {}
         self._nacked: set[NodeId] = set()
         self._down: set[NodeId] = set()
+        #: The acceptors a round-0 accept went to, when not all of them (see start_fast).
+        self._only: tuple[NodeId, ...] | None = None
 
     @property
     def is_write(self) -> bool:
@@ -180,16 +182,19 @@ class Proposer:
             effects += self._begin_read()
         return effects
 
-    def start_fast(self, ballot: Ballot) -> list[Effect]:
+    def start_fast(self, ballot: Ballot, only: Sequence[NodeId] | None = None) -> list[Effect]:
         """Start a write at the owner's reserved round-0 ``ballot``, skipping prepare.
 
-        Safe only when no other proposal can ever have used a ballot below ``ballot`` for this
-        key and this is the one proposal at ``ballot``: the caller (NodeCore) guarantees both,
-        see docs/design.md. A nack or a timeout falls back to full Paxos at round 1 or above.
+        Safe only under the conditions docs/design.md gives, which the caller (NodeCore)
+        guarantees. With ``only``, the accept goes to those acceptors alone and the proposal is
+        chosen when every one of them accepted it; a nack or an unreachable one falls back to
+        full Paxos at once. Otherwise it goes to all and a majority chooses it. A timeout falls
+        back to full Paxos at round 1 or above.
         """
         assert self.phase is _Phase.IDLE and self.own is not None and ballot.round == FAST_ROUND
         self.attempts += 1
         self._ballot = ballot
+        self._only = tuple(only) if only is not None else None
         effects: list[Effect] = [SetTimer(self.config.deadline_ms, DEADLINE_TOKEN)]
         return effects + self._begin_accept(self.own)
 
@@ -237,7 +242,8 @@ class Proposer:
         self._down = set()
 
     def _broadcast(self, msg: Request) -> list[Effect]:
-        effects: list[Effect] = [Send(n, msg, self.seq) for n in self.nodes]
+        to = self.nodes if self._only is None else self._only
+        effects: list[Effect] = [Send(n, msg, self.seq) for n in to]
         # The phase timeout doubles with every attempt: a timeout usually means the acceptors are
         # slow (a long fsync queue), and retrying fast with new ballots would only add disk work.
         timeout = self.config.attempt_timeout_ms * (2 ** min(max(self.attempts - 1, 0), 8))
@@ -249,6 +255,7 @@ class Proposer:
         return self._broadcast(Read(self.key))
 
     def _begin_prepare(self) -> list[Effect]:
+        self._only = None
         self.attempts += 1
         self._new_phase(_Phase.PREPARE)
         rnd = self._alloc_round(max(self._highest_seen.round + 1, FAST_ROUND + 1))
@@ -289,6 +296,13 @@ class Proposer:
         n = len(self.nodes)
         if self.phase is _Phase.READ:
             return self._progress_read()
+        if self._only is not None:
+            if len(self._ok) == len(self._only):
+                assert self._value is not None
+                return self._finish(self._value, learned=False)
+            if self._nacked or self._down:
+                return self._begin_prepare()
+            return []
         if len(self._ok) >= self.majority:
             if self.phase is _Phase.PREPARE:
                 promises = [r for r in self._ok.values() if isinstance(r, Promise)]
@@ -313,11 +327,15 @@ class Proposer:
         empty = sum(1 for s in states if s.proposal is None)
         if empty >= self.majority:
             return self._finish_empty()
-        by_ballot: dict[Ballot, int] = {}
+        # Counted by ballot *and* proposal: two acceptors may hold different proposals at one
+        # round-0 ballot (an owner that retried round 0 for a key after a failed attempt), and
+        # then neither is chosen.
+        held: dict[tuple[Ballot, bytes], int] = {}
         for s in states:
             if s.proposal is not None:
-                by_ballot[s.accepted] = by_ballot.get(s.accepted, 0) + 1
-                if by_ballot[s.accepted] >= self.majority:
+                at = (s.accepted, s.proposal.pid)
+                held[at] = held.get(at, 0) + 1
+                if held[at] >= self.majority:
                     return self._finish(s.proposal, learned=False)
         if len(self._down) > n - self.majority:
             return self._fail(f"{len(self._down)} of {n} nodes unreachable")
