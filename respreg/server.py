@@ -631,6 +631,7 @@ class NodeServer:
             "group_commit_writes": self.committer.writes,
             "group_commit_pending": self.committer.pending(),
             "fsync_errors": self.committer.fsync_errors,
+            "spare_files_ready": self._files.spares_ready() if self._files is not None else 0,
             "data_dir": str(self.config.data_dir),
         }
         return {"persistence": persistence, "paxos": paxos}

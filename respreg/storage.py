@@ -58,6 +58,15 @@ Writes are crash-safe: a new state is written to a temporary file in the same di
 fsynced before the write counts as done. Readers ignore temporary files; a crash leaves either
 the old or the new file, never a mix.
 
+Spare files: creating a file is the costliest step of such a write (a new inode and a directory
+entry, committed by the temp file's fsync), so a background thread keeps a few hundred empty
+files ready in ``keys/.spare/``. A write takes one instead of creating its temp file: it writes
+the state into it, fsyncs it, renames it into the key's directory and fsyncs that directory,
+exactly the discipline above (and ``keys/.spare/`` is fsynced with the batch too). A spare is
+used only while it is a plain file with a single link, so a spare name that a crash left
+behind after its file became a key file is never written through. Spares left by an earlier
+process are reused.
+
 node.meta format (version 2; version 1 is still read)
 ------------------------------------------------------
 42 bytes: magic ``b"RNOD"``, version byte ``2``, node id (signed 64-bit), incarnation
@@ -85,7 +94,9 @@ import itertools
 import logging
 import os
 import secrets
+import stat
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -287,6 +298,13 @@ class DurabilityError(OSError):
     """
 
 
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def _write_temp(final: Path, data: bytes) -> Path:
     """Write ``data`` to a fresh temp file next to ``final`` and fsync it; return its path.
 
@@ -296,10 +314,7 @@ def _write_temp(final: Path, data: bytes) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_fd(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -361,11 +376,104 @@ def _makedirs_durably(path: Path) -> None:
 
 # ---- per-key files ---------------------------------------------------------------------------
 
+#: Directory (under ``keys/``) of empty files made ready for writes, and how many it keeps.
+SPARE_DIR_NAME = ".spare"
+SPARES_KEPT = 512
+
+
+class _Spares:
+    """Empty files in one directory, created ahead of need by a background thread.
+
+    :meth:`take` hands one out (or None when none is ready); the thread tops the stock up to
+    ``kept`` whenever it falls below half of that. Creation errors (a full disk) only leave the
+    stock empty for a while: writes then create their own temp files as before.
+    """
+
+    def __init__(self, directory: Path, kept: int) -> None:
+        self.directory = directory
+        self._text = str(directory)
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._ready: list[str] = []
+        self._wanted = threading.Event()
+        self._stop = False
+        self.taken = 0
+        self.created = 0
+        _makedirs_durably(directory)
+        # Reuse what an earlier process left (names of our own tag cannot be among them).
+        self._ready = [os.path.join(self._text, n) for n in os.listdir(directory) if n.endswith(".spare")]
+        self._thread: threading.Thread | None = None
+        if kept > 0:
+            self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
+            self._wanted.set()
+            self._thread.start()
+
+    def take(self) -> str | None:
+        with self._lock:
+            spare = self._ready.pop() if self._ready else None
+            low = len(self._ready) < self._kept // 2
+        if low:
+            self._wanted.set()
+        if spare is not None:
+            self.taken += 1
+        return spare
+
+    def ready(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _fill(self) -> None:
+        numbers = itertools.count()
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stop:
+                return
+            while not self._stop and self.ready() < self._kept:
+                name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
+                try:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                except OSError:
+                    self._stop_for_a_while()
+                    break
+                with self._lock:
+                    self._ready.append(name)
+                self.created += 1
+
+    def _stop_for_a_while(self) -> None:
+        # A full or failing disk: try again later, when a write asks for a spare again.
+        threading.Event().wait(1.0)
+
+
+def _open_spare(spare: str) -> int | None:
+    """Open ``spare`` for writing, truncated, if it is still a plain file with one link;
+    otherwise drop the name and return None."""
+    try:
+        fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.ftruncate(fd, 0)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    _unlink_quietly(Path(spare))
+    return None
+
 
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
-    def __init__(self, root: Path, *, workers: int = 8) -> None:
+    def __init__(self, root: Path, *, workers: int = 8, spares: int = SPARES_KEPT) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.root = Path(root)
@@ -373,6 +481,7 @@ class KeyFiles:
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="respreg-io")
         self._root_text = str(self.root)
+        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares)
         # The marker says the store has its one-level layout: start-up then costs the same
         # with a million keys as with none. Without it (a new store, or one written by 0.1), the
         # directories are created and old files moved up before the marker is written.
@@ -475,7 +584,18 @@ class KeyFiles:
         temps: dict[Path, Path] = {}
 
         def write(job: tuple[Path, bytes]) -> None:
-            temps[job[0]] = _write_temp(job[0], job[1])
+            spare = self._spares.take()
+            fd = _open_spare(spare) if spare is not None else None
+            if fd is None:
+                temps[job[0]] = _write_temp(job[0], job[1])
+                return
+            assert spare is not None
+            temps[job[0]] = Path(spare)
+            try:
+                _write_fd(fd, job[1])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         try:
             self._run_all(write, jobs)
@@ -498,8 +618,13 @@ class KeyFiles:
         except OSError as exc:
             raise DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}") from exc
 
+    def spares_ready(self) -> int:
+        """Spare files ready for writes right now (see the module docstring)."""
+        return self._spares.ready()
+
     def close(self) -> None:
         """Stop the worker threads (waits for running writes)."""
+        self._spares.close()
         self._pool.shutdown(wait=True)
 
     def _run_all(self, fn: Callable[[_T], None], args: Sequence[_T]) -> None:

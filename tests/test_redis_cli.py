@@ -153,6 +153,24 @@ def test_info_paxos(shared: Cluster) -> None:
     assert "quorum:2" in out(shared.node(2).port, "INFO").decode().splitlines()
 
 
+def test_info_persistence_counts_writes_and_spare_files(shared: Cluster) -> None:
+    p = shared.node(1).port
+    assert out(p, "SETONCE", "cli:persisted", "v") in (b"OK\n", b"\n")
+
+    def fields() -> dict[str, str]:
+        lines = out(p, "INFO", "persistence").decode().splitlines()
+        assert lines[0] == "# Persistence"
+        return dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+
+    for _ in range(200):  # the spare files are made in the background: a bound against hangs only
+        now = fields()
+        if int(now["spare_files_ready"]) > 0:
+            break
+        time.sleep(0.05)
+    assert int(now["spare_files_ready"]) > 0
+    assert int(now["fsync_errors"]) == 0 and "group_commit_writes" in now
+
+
 def test_hello_3(shared: Cluster) -> None:
     p = shared.node(3).port
     lines = out(p, "-3", "HELLO", "3").decode().splitlines()

@@ -8,6 +8,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from respreg.core.types import NO_BALLOT, AcceptorState, Ballot, Proposal
 from respreg.storage import (
     JOINING,
     LAYOUT_MARKER,
+    SPARE_DIR_NAME,
     VOTING,
     CorruptStateError,
     DataDirError,
@@ -114,7 +116,9 @@ def test_round_trip_binary_keys_and_big_values(files: KeyFiles) -> None:
 
 def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
     assert files.load(b"never") is None
-    assert [p for p in files.root.rglob("*") if not p.is_dir() and p.name != LAYOUT_MARKER] == []
+    spare_dir = files.root / SPARE_DIR_NAME
+    kept = [p for p in files.root.rglob("*") if not p.is_dir() and p.name != LAYOUT_MARKER and p.parent != spare_dir]
+    assert kept == []
 
 
 def test_overwrite_and_duplicate_keys_last_wins(files: KeyFiles) -> None:
@@ -132,7 +136,8 @@ def test_fan_out_layout(files: KeyFiles) -> None:
     assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
     assert top == name[0:2]
     # All 256 directories exist from the start: a write never creates one.
-    assert sorted(p.name for p in files.root.iterdir()) == sorted([f"{i:02x}" for i in range(256)] + [LAYOUT_MARKER])
+    expected = [f"{i:02x}" for i in range(256)] + [LAYOUT_MARKER, SPARE_DIR_NAME]
+    assert sorted(p.name for p in files.root.iterdir()) == sorted(expected)
     files.write_many([(b"some key", SAMPLE)])
     assert path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == [name]
@@ -185,7 +190,8 @@ def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:
     finally:
         fresh.close()
     assert not list(root.rglob("*.tmp"))
-    assert sum(1 for p in root.rglob("*") if p.is_file() and p.parent != root) == 1000
+    key_files = [p for p in root.rglob("*") if p.is_file() and p.parent not in (root, root / SPARE_DIR_NAME)]
+    assert len(key_files) == 1000
 
 
 def _write_one(files: KeyFiles, key: bytes, state: AcceptorState) -> Path:
@@ -570,3 +576,66 @@ def test_scan_pages_every_state_in_file_name_order(tmp_path: Path) -> None:
             files.scan("", 1000)  # a dump never skips a state it cannot read
     finally:
         files.close()
+
+
+def _wait_spares(files: KeyFiles, at_least: int) -> None:
+    for _ in range(500):  # a bound against hangs only
+        if files.spares_ready() >= at_least:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"only {files.spares_ready()} spare files became ready")
+
+
+def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path) -> None:
+    files = KeyFiles(tmp_path / "keys", spares=16)
+    try:
+        _wait_spares(files, 16)
+        spare_dir = files.root / SPARE_DIR_NAME
+        before = {p.name for p in spare_dir.iterdir()}
+        items = [(b"spare:%d" % i, SAMPLE) for i in range(10)]
+        files.write_many(items)
+        used = before - {p.name for p in spare_dir.iterdir()}
+        assert len(used) == 10, "each write took a spare instead of creating a temp file"
+        for key, state in items:
+            assert files.load(key) == state
+            assert os.stat(files.path_for(key)).st_nlink == 1
+        assert not list(files.root.rglob("*.tmp"))
+    finally:
+        files.close()
+    reopened = KeyFiles(files.root, spares=0)
+    try:
+        assert all(reopened.load(key) == state for key, state in items)
+    finally:
+        reopened.close()
+
+
+def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path) -> None:
+    root = tmp_path / "keys"
+    files = KeyFiles(root, spares=16)
+    _wait_spares(files, 16)
+    files.close()
+    for _ in range(3):
+        again = KeyFiles(root, spares=16)
+        _wait_spares(again, 16)
+        again.close()
+    assert len(list((root / SPARE_DIR_NAME).iterdir())) == 16
+
+
+def test_a_spare_name_that_is_a_second_link_to_a_key_file_is_never_written_through(tmp_path: Path) -> None:
+    """What a crash could leave on a file system that lost the spare directory's half of a
+    rename: the spare's name still pointing at the inode that became a key file."""
+    root = tmp_path / "keys"
+    files = KeyFiles(root, spares=0)
+    files.write_many([(b"victim", SAMPLE)])
+    files.close()
+    spare_dir = root / SPARE_DIR_NAME
+    os.link(files.path_for(b"victim"), spare_dir / "left-behind.spare")
+    again = KeyFiles(root, spares=0)  # reuses what is in the spare directory: that one name
+    try:
+        other = AcceptorState(Ballot(9, 9, 9), Ballot(9, 9, 9), Proposal(b"x", b"other"))
+        again.write_many([(b"newcomer", other)])
+        assert again.load(b"victim") == SAMPLE
+        assert again.load(b"newcomer") == other
+        assert not (spare_dir / "left-behind.spare").exists()
+    finally:
+        again.close()
