@@ -241,6 +241,7 @@ def _populate_init(fsync: bool) -> None:
 
 
 OWNER_ROUND_0 = "owner-round-0"
+OTHERS_ROUND_0 = "others-round-0"
 RECEIVER_ROUNDS = "receiver-rounds"
 PROBES = 12
 
@@ -261,6 +262,8 @@ class Shape:
 
     - ``owner-round-0``: promised = accepted = (0, owner of the key, owner's incarnation), the
       one-round-trip write of the key's owner (a write reaching another node is forwarded to it);
+    - ``others-round-0``: the same on the two nodes other than the owner, nothing on the owner
+      (a cluster of three, where the owner's acceptor stays out of round 0);
     - ``receiver-rounds``: promised = accepted = (operation, receiver, receiver's incarnation), the
       receiver running both Paxos phases itself.
     """
@@ -280,13 +283,20 @@ class Shape:
         receiver = nodes[i % len(nodes)]
         seq = self.seq_base + i // len(nodes)
         pid = struct.pack(">HQQ", receiver, self.incarnation(receiver), seq)  # as NodeServer.write makes it
-        if self.rule == OWNER_ROUND_0:
+        if self.rule in (OWNER_ROUND_0, OTHERS_ROUND_0):
             owner = owner_of_key(key_of(i), nodes)
             assert owner is not None
             ballot = Ballot(0, owner, self.incarnation(owner))
         else:
             ballot = Ballot(seq, receiver, self.incarnation(receiver))
         return AcceptorState(promised=ballot, accepted=ballot, proposal=Proposal(pid, value_of(i)))
+
+    def state_on(self, i: int, node: int) -> AcceptorState | None:
+        """What node ``node`` holds for key i: :meth:`state`, or nothing on an owner that stays
+        out of round 0."""
+        if self.rule == OTHERS_ROUND_0 and owner_of_key(key_of(i), self.nodes()) == node:
+            return None
+        return self.state(i)
 
 
 def probe_key(i: int) -> bytes:
@@ -296,12 +306,22 @@ def probe_key(i: int) -> bytes:
 def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: dict[int, int], via: int) -> Shape:
     """Which ballot rule the probe writes (all sent to node ``via``) follow; raise if none fits."""
     nodes = sorted(incarnations)
-    rules = {OWNER_ROUND_0, RECEIVER_ROUNDS}
+    rules = {OWNER_ROUND_0, OTHERS_ROUND_0, RECEIVER_ROUNDS}
     problems: list[str] = []
     for key, states in probes.items():
-        first = states[0]
-        if first is None or first.proposal is None or any(st != first for st in states):
-            problems.append(f"{key!r}: not one accepted state on every node: {states!r}")
+        owner = owner_of_key(key, nodes)
+        held = [st for st in states if st is not None]
+        first = held[0] if held else None
+        if first is None or first.proposal is None or any(st != first for st in held):
+            problems.append(f"{key!r}: not one accepted state on the nodes that hold one: {states!r}")
+            continue
+        if len(held) == len(states):
+            rules.discard(OTHERS_ROUND_0)
+        elif len(held) == len(states) - 1 and owner in nodes and states[nodes.index(owner)] is None:
+            rules.discard(OWNER_ROUND_0)
+            rules.discard(RECEIVER_ROUNDS)
+        else:
+            problems.append(f"{key!r}: held by {len(held)} of {len(states)} nodes: {states!r}")
             continue
         b = first.accepted
         if first.promised != b or b.incarnation != incarnations.get(b.node):
@@ -312,8 +332,9 @@ def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: d
             pid = ()
         if pid[:2] != (via, incarnations[via]):
             problems.append(f"{key!r}: proposal id {first.proposal.pid.hex()} is not (node {via}, its incarnation, op)")
-        if not (b.round == 0 and b.node == owner_of_key(key, nodes)):
+        if not (b.round == 0 and b.node == owner):
             rules.discard(OWNER_ROUND_0)
+            rules.discard(OTHERS_ROUND_0)
         if not (b.round >= 1 and b.node == via):
             rules.discard(RECEIVER_ROUNDS)
     if problems or len(rules) != 1:
@@ -325,11 +346,16 @@ def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: d
 
 
 def _populate_chunk(roots: list[str], lo: int, hi: int, shape: Shape, batch: int) -> int:
-    files = [storage.KeyFiles(Path(r), workers=1) for r in roots]
+    """Write keys lo..hi-1 into every node's store; ``roots`` are in the order of shape.nodes()."""
+    files = [storage.KeyFiles(Path(r), workers=1, spares=0) for r in roots]
     try:
         for start in range(lo, hi, batch):
-            items = [(key_of(i), shape.state(i)) for i in range(start, min(hi, start + batch))]
-            for kf in files:
+            for node, kf in zip(shape.nodes(), files, strict=True):
+                items = [
+                    (key_of(i), st)
+                    for i in range(start, min(hi, start + batch))
+                    if (st := shape.state_on(i, node)) is not None
+                ]
                 kf.write_many(items)
     finally:
         for kf in files:
@@ -355,18 +381,19 @@ def populate(roots: list[Path], keys: int, shape: Shape, procs: int, fsync: bool
                 rate = done / (now - t0)
                 print(f"    populated {done:,}/{keys:,} keys x {len(roots)} nodes ({rate:,.0f} keys/s)", flush=True)
     write_s = time.monotonic() - t0
+    files = keys * (len(roots) - (1 if shape.rule == OTHERS_ROUND_0 else 0))
     t1 = time.monotonic()
     os.sync()
     sync_s = time.monotonic() - t1
     return {
         "keys": keys,
-        "files": keys * len(roots),
+        "files": files,
         "processes": procs,
         "per_file_fsync": fsync,
         "write_s": round(write_s, 2),
         "sync_s": round(sync_s, 2),
         "total_s": round(write_s + sync_s, 2),
-        "files_per_s": round(keys * len(roots) / max(write_s + sync_s, 1e-9)),
+        "files_per_s": round(files / max(write_s + sync_s, 1e-9)),
     }
 
 
@@ -374,12 +401,12 @@ def check_populated_sample(roots: list[Path], keys: int, shape: Shape, n: int) -
     """Load n random keys per node back through KeyFiles.load and compare; returns keys checked."""
     rng = random.Random(7)
     checked = 0
-    for root in roots:
-        kf = storage.KeyFiles(root, workers=1)
+    for node, root in zip(shape.nodes(), roots, strict=True):
+        kf = storage.KeyFiles(root, workers=1, spares=0)
         try:
             for i in rng.sample(range(keys), min(n, keys)):
                 state = kf.load(key_of(i))
-                if state != shape.state(i):
+                if state != shape.state_on(i, node):
                     raise RuntimeError(f"populated key {i} in {root} reads back as {state!r}")
                 checked += 1
         finally:
@@ -676,7 +703,7 @@ class SizeRun:
         roots = [c.keys_dir(n) for n in range(1, NODES + 1)]
         probes: dict[bytes, list[AcceptorState | None]] = {probe_key(i): [] for i in range(PROBES)}
         for root in roots:
-            kf = storage.KeyFiles(root, workers=1)
+            kf = storage.KeyFiles(root, workers=1, spares=0)
             try:
                 for key, states in probes.items():
                     states.append(kf.load(key))
@@ -686,7 +713,7 @@ class SizeRun:
         shape = infer_shape(probes, incarnations, 1)
         before = shutil.disk_usage(self.root)
         print(
-            f"  [{self.keys:,} keys] populating {self.keys * NODES:,} files ({self.args.procs} processes, "
+            f"  [{self.keys:,} keys] populating the stores of {NODES} nodes ({self.args.procs} processes, "
             f"ballot rule {shape.rule} as the probes showed)",
             flush=True,
         )
@@ -696,7 +723,7 @@ class SizeRun:
         pop["first_start_s"] = round(init_s, 2)
         pop["sample_checked"] = check_populated_sample(roots, self.keys, shape, 200)
         pop["shape"] = {"rule": shape.rule, "incarnations": dict(shape.incarnations), "seq_base": shape.seq_base}
-        pop["probe_example"] = repr(probes[probe_key(0)][0])
+        pop["probe_example"] = repr(next(st for st in probes[probe_key(0)] if st is not None))
         pop["populated_example"] = repr(shape.state(0))
         pop["leaf_example"] = leaf_example
         pop["storage_py_sha256"] = storage_fingerprint()
@@ -918,7 +945,7 @@ class SizeRun:
             times = []
             for _ in range(3):
                 t = time.monotonic()
-                kf = storage.KeyFiles(self.cluster.keys_dir(1), workers=1)
+                kf = storage.KeyFiles(self.cluster.keys_dir(1), workers=1, spares=0)
                 times.append(round(time.monotonic() - t, 3))
                 kf.close()
             self.result["keyfiles_open_s"] = times
