@@ -40,6 +40,7 @@ from .storage import (
     AMNESIAC,
     JOINING,
     REBUILT,
+    SPARES_KEPT,
     VOTING,
     VOTING_STATUSES,
     DurabilityError,
@@ -166,7 +167,8 @@ class NodeServer:
         self.incarnation = self._handle.incarnation
         self.status = self._handle.status
         self._peer_identities = load_peer_identities(cfg.data_dir)
-        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads)
+        # This process holds the data directory's lock: it alone may use the spare files.
+        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads, spares=SPARES_KEPT)
         self.committer = GroupCommitter(self._files, loop)
         node_config = NodeConfig(
             proposer=ProposerConfig(attempt_timeout_ms=cfg.attempt_timeout_ms, deadline_ms=cfg.deadline_ms),

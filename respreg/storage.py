@@ -65,7 +65,8 @@ the state into it, fsyncs it, renames it into the key's directory and fsyncs tha
 exactly the discipline above (and ``keys/.spare/`` is fsynced with the batch too). A spare is
 used only while it is a plain file with a single link, so a spare name that a crash left
 behind after its file became a key file is never written through. Spares left by an earlier
-process are reused.
+process are reused. Only the serving process, which holds the data directory's lock, uses
+spare files (``KeyFiles(spares=...)``); other users of a store (tools, tests) create temp files.
 
 node.meta format (version 2; version 1 is still read)
 ------------------------------------------------------
@@ -101,6 +102,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -382,7 +384,8 @@ SPARES_KEPT = 512
 
 
 class _Spares:
-    """Empty files in one directory, created ahead of need by a background thread.
+    """Empty files in one directory, created ahead of need by a background thread. Only one
+    instance, in one process, may use a directory (see KeyFiles).
 
     :meth:`take` hands one out (or None when none is ready); the thread tops the stock up to
     ``kept`` whenever it falls below half of that. Creation errors (a full disk) only leave the
@@ -402,11 +405,9 @@ class _Spares:
         _makedirs_durably(directory)
         # Reuse what an earlier process left (names of our own tag cannot be among them).
         self._ready = [os.path.join(self._text, n) for n in os.listdir(directory) if n.endswith(".spare")]
-        self._thread: threading.Thread | None = None
-        if kept > 0:
-            self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
-            self._wanted.set()
-            self._thread.start()
+        self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
+        self._wanted.set()
+        self._thread.start()
 
     def take(self) -> str | None:
         with self._lock:
@@ -425,8 +426,7 @@ class _Spares:
     def close(self) -> None:
         self._stop = True
         self._wanted.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)
 
     def _fill(self) -> None:
         numbers = itertools.count()
@@ -473,7 +473,7 @@ def _open_spare(spare: str) -> int | None:
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
-    def __init__(self, root: Path, *, workers: int = 8, spares: int = SPARES_KEPT) -> None:
+    def __init__(self, root: Path, *, workers: int = 8, spares: int = 0) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.root = Path(root)
@@ -481,7 +481,9 @@ class KeyFiles:
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="respreg-io")
         self._root_text = str(self.root)
-        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares)
+        # Spare files only for the one process that owns the directory (it holds the LOCK): two
+        # processes taking the same spare would write into one file.
+        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares) if spares > 0 else None
         # The marker says the store has its one-level layout: start-up then costs the same
         # with a million keys as with none. Without it (a new store, or one written by 0.1), the
         # directories are created and old files moved up before the marker is written.
@@ -583,8 +585,10 @@ class KeyFiles:
         leaves = list(dict.fromkeys(path.parent for path, _ in jobs))
         temps: dict[Path, Path] = {}
 
+        spares = self._spares
+
         def write(job: tuple[Path, bytes]) -> None:
-            spare = self._spares.take()
+            spare = spares.take() if spares is not None else None
             fd = _open_spare(spare) if spare is not None else None
             if fd is None:
                 temps[job[0]] = _write_temp(job[0], job[1])
@@ -620,11 +624,12 @@ class KeyFiles:
 
     def spares_ready(self) -> int:
         """Spare files ready for writes right now (see the module docstring)."""
-        return self._spares.ready()
+        return self._spares.ready() if self._spares is not None else 0
 
     def close(self) -> None:
         """Stop the worker threads (waits for running writes)."""
-        self._spares.close()
+        if self._spares is not None:
+            self._spares.close()
         self._pool.shutdown(wait=True)
 
     def _run_all(self, fn: Callable[[_T], None], args: Sequence[_T]) -> None:
@@ -676,7 +681,7 @@ class GroupCommitter:
         self._driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="respreg-commit")
         self._queue: dict[bytes, _Queued] = {}
         self._inflight = 0
-        self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a batch is scheduled or being written
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -702,9 +707,11 @@ class GroupCommitter:
             queued.state = state
             queued.callbacks.append(done)
             self.coalesced += 1
-        if self._task is None:
+        if not self._busy:
+            # Start at the end of this event-loop iteration: everything submitted in it joins.
+            self._busy = True
             self._idle.clear()
-            self._task = self._loop.create_task(self._drive())
+            self._loop.call_soon(self._start_batch)
 
     def pending(self) -> int:
         """Writes not yet completed: queued keys plus keys of the batch being written."""
@@ -712,41 +719,45 @@ class GroupCommitter:
 
     async def close(self) -> None:
         """Wait until every submitted write has completed, then stop accepting new ones."""
-        while self._task is not None:
+        while self._busy:
             await self._idle.wait()
         self._closed = True
         self._driver.shutdown(wait=False)
 
-    async def _drive(self) -> None:
+    def _start_batch(self) -> None:
+        keys = list(itertools.islice(self._queue, self._max_batch))
+        batch = [(key, self._queue.pop(key)) for key in keys]
+        self._inflight = len(batch)
+        items = [(key, queued.state) for key, queued in batch]
         try:
-            while self._queue:
-                keys = list(itertools.islice(self._queue, self._max_batch))
-                batch = [(key, self._queue.pop(key)) for key in keys]
-                self._inflight = len(batch)
-                items = [(key, queued.state) for key, queued in batch]
-                write = self._loop.run_in_executor(self._driver, self._files.write_many, items)
-                try:
-                    await asyncio.wait([write])
-                except asyncio.CancelledError as exc:
-                    # Shutting down mid-batch: nothing is known to be durable; tell everyone.
-                    self._inflight = 0
-                    rest = list(self._queue.values())
-                    self._queue.clear()
-                    for queued in [q for _, q in batch] + rest:
-                        self._notify(queued, exc)
-                    raise
-                error: BaseException | None = asyncio.CancelledError() if write.cancelled() else write.exception()
-                self.batches += 1
-                if error is None:
-                    self.writes += len(items)
-                else:
-                    self.fsync_errors += 1
-                self._inflight = 0
-                for _, queued in batch:
-                    self._notify(queued, error)
-        finally:
-            self._inflight = 0
-            self._task = None
+            write = self._driver.submit(self._files.write_many, items)
+        except RuntimeError as exc:  # the driver was shut down
+            self._batch_done(batch, exc)
+            return
+        # The thread's result comes back to the loop as one callback: no task, no extra wake-up.
+        write.add_done_callback(partial(self._written, batch))
+
+    def _written(self, batch: list[tuple[bytes, _Queued]], write: Future[None]) -> None:
+        """In the driver thread: hand the outcome to the loop."""
+        error = asyncio.CancelledError() if write.cancelled() else write.exception()
+        try:
+            self._loop.call_soon_threadsafe(self._batch_done, batch, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to tell
+
+    def _batch_done(self, batch: list[tuple[bytes, _Queued]], error: BaseException | None) -> None:
+        self.batches += 1
+        if error is None:
+            self.writes += len(batch)
+        else:
+            self.fsync_errors += 1
+        self._inflight = 0
+        for _, queued in batch:
+            self._notify(queued, error)
+        if self._queue:
+            self._start_batch()  # what queued while this batch was written is the next batch
+        else:
+            self._busy = False
             self._idle.set()
 
     @staticmethod

@@ -136,7 +136,7 @@ def test_fan_out_layout(files: KeyFiles) -> None:
     assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
     assert top == name[0:2]
     # All 256 directories exist from the start: a write never creates one.
-    expected = [f"{i:02x}" for i in range(256)] + [LAYOUT_MARKER, SPARE_DIR_NAME]
+    expected = [f"{i:02x}" for i in range(256)] + [LAYOUT_MARKER]  # no spare files without spares=...
     assert sorted(p.name for p in files.root.iterdir()) == sorted(expected)
     files.write_many([(b"some key", SAMPLE)])
     assert path.is_file()
@@ -602,11 +602,32 @@ def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path) -> No
         assert not list(files.root.rglob("*.tmp"))
     finally:
         files.close()
-    reopened = KeyFiles(files.root, spares=0)
+    reopened = KeyFiles(files.root)
     try:
         assert all(reopened.load(key) == state for key, state in items)
     finally:
         reopened.close()
+
+
+def test_only_a_store_opened_with_spares_touches_the_spare_files(tmp_path: Path) -> None:
+    """A tool or test that opens a running node's store must not take the node's spare files:
+    two writers in one spare would write into one file."""
+    root = tmp_path / "keys"
+    owner = KeyFiles(root, spares=8)
+    try:
+        _wait_spares(owner, 8)
+        spare_dir = root / SPARE_DIR_NAME
+        before = sorted(p.name for p in spare_dir.iterdir())
+        other = KeyFiles(root)
+        try:
+            other.write_many([(b"from-a-tool", SAMPLE)])
+            assert other.spares_ready() == 0
+        finally:
+            other.close()
+        assert sorted(p.name for p in spare_dir.iterdir()) == before
+        assert owner.load(b"from-a-tool") == SAMPLE
+    finally:
+        owner.close()
 
 
 def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path) -> None:
@@ -625,12 +646,13 @@ def test_a_spare_name_that_is_a_second_link_to_a_key_file_is_never_written_throu
     """What a crash could leave on a file system that lost the spare directory's half of a
     rename: the spare's name still pointing at the inode that became a key file."""
     root = tmp_path / "keys"
-    files = KeyFiles(root, spares=0)
+    files = KeyFiles(root)
     files.write_many([(b"victim", SAMPLE)])
     files.close()
     spare_dir = root / SPARE_DIR_NAME
+    spare_dir.mkdir()
     os.link(files.path_for(b"victim"), spare_dir / "left-behind.spare")
-    again = KeyFiles(root, spares=0)  # reuses what is in the spare directory: that one name
+    again = KeyFiles(root, spares=1)  # reuses what is in the spare directory: that one name
     try:
         other = AcceptorState(Ballot(9, 9, 9), Ballot(9, 9, 9), Proposal(b"x", b"other"))
         again.write_many([(b"newcomer", other)])
