@@ -170,6 +170,31 @@ def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round(
     assert all(s.cores[n].chosen(key) == o1.proposal for n in IDS)
 
 
+def test_owner_reading_its_key_waits_for_both_holders_instead_of_running_paxos() -> None:
+    """The owner holds nothing for a key written at round 0: its own "nothing" and one holder's
+    answer disagree, and the other holder's answer settles the read. Starting Paxos there would
+    cost a durable promise on every node for a plain read."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    s.write(1, 1, key, b"p1", b"v")
+    s.settle([1, 2, 3], learn=False)
+    written = s.outcomes[1]
+    assert isinstance(written, Chosen)
+    fresh = Scripted(config=FAST)  # new processes, same disks: nothing learned in memory
+    fresh.disk = s.disk
+    fresh.read(1, 2, key)  # node 1's own answer, "nothing", is there at once
+    fresh.deliver(src=1, dst=2)
+    fresh.deliver(src=2, dst=1)
+    assert 2 not in fresh.outcomes
+    assert not any(isinstance(r.msg, Prepare) for r in fresh.requests)
+    fresh.deliver(src=1, dst=3)
+    fresh.deliver(src=3, dst=1)
+    outcome = fresh.outcomes[2]
+    assert isinstance(outcome, Chosen) and outcome.proposal == written.proposal
+    assert all(fresh.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert fresh.persists == []
+
+
 def test_owner_of_five_accepts_locally_first_then_sends_accept_at_round_zero_without_prepare() -> None:
     s = Scripted(n=5, config=FAST)
     ids5 = IDS5
@@ -232,6 +257,9 @@ def test_read_never_takes_two_proposals_at_one_ballot_for_a_chosen_value() -> No
     s.read(2, 1, key)  # node 2's own answer (A at b0) is there at once
     s.deliver(src=2, dst=3)
     s.deliver(src=3, dst=2)  # B at b0: two answers at one ballot, but not one proposal
+    assert 1 not in s.outcomes
+    s.deliver(src=2, dst=1)
+    s.deliver(src=1, dst=2)  # node 1 holds nothing: no majority for anything, so Paxos runs
     assert 1 not in s.outcomes
     assert any(isinstance(r.msg, Prepare) for r in s.requests)
     s.settle([1, 2, 3])

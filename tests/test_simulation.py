@@ -24,7 +24,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 import pytest
 
 from respreg.core.node import NodeConfig, NodeCore
-from respreg.core.proposer import Chosen, Empty, Failed, Failure, Outcome
+from respreg.core.proposer import STRAGGLER_TOKEN, Chosen, Empty, Failed, Failure, Outcome
 from respreg.core.types import EMPTY_STATE, AcceptorState, Ballot, NodeId, Prepare, Promise, Proposal
 
 from .sim.checker import check_completion, check_history
@@ -535,6 +535,8 @@ def _then_read_x_and_write_z(s: Scripted) -> tuple[Outcome | None, Outcome | Non
     s.drop(src=2, dst=4)
     s.drop(src=2, dst=5)
     s.settle([1, 2, 3], learn=False)
+    s.fire(2, 3, STRAGGLER_TOKEN)  # n4 and n5 stay silent: stop waiting for their answers
+    s.settle([1, 2, 3], learn=False)
     s.requests, s.replies = [], []
     s.cores[NodeId(5)]._round = 5
     s.write(5, 4, K, b"pz", b"z")
@@ -544,6 +546,8 @@ def _then_read_x_and_write_z(s: Scripted) -> tuple[Outcome | None, Outcome | Non
     s.requests, s.replies = [], []
     s.read(3, 5, K)
     s.drop(src=3, dst=2)
+    s.settle([1, 3, 4, 5], learn=False)
+    s.fire(3, 5, STRAGGLER_TOKEN)
     s.settle([1, 3, 4, 5], learn=False)
     return s.outcomes.get(3), s.outcomes.get(4), s.outcomes.get(5)
 
@@ -589,6 +593,8 @@ def test_repairing_instead_keeps_one_value() -> None:
     core = _boot_wiped_n1(s, voting=False)
     s.apply(NodeId(1), core.begin_repair(9, K))
     s.drop(src=1, dst=4)
+    s.settle([1, 2, 3, 5], learn=False)
+    s.fire(1, 9, STRAGGLER_TOKEN)  # n4 stays silent: stop waiting for its answer
     s.settle([1, 2, 3, 5], learn=False)
     assert s.outcomes.get(9) == Chosen(Proposal(b"px", b"x"))
     s.requests, s.replies = [], []

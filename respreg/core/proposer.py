@@ -106,9 +106,13 @@ class ProposerConfig:
     backoff_min_ms: float = 2.0
     backoff_max_ms: float = 100.0
     deadline_ms: float = 3000.0
+    #: How long a read waits for a missing answer that could still settle it (see
+    #: _progress_read) before it completes the key through Paxos instead.
+    straggler_ms: float = 20.0
 
 
 DEADLINE_TOKEN = -1
+STRAGGLER_TOKEN = -2
 
 
 class _Phase(enum.Enum):
@@ -166,6 +170,8 @@ class Proposer:
         self._down: set[NodeId] = set()
         #: The acceptors a round-0 accept went to, when not all of them (see start_fast).
         self._only: tuple[NodeId, ...] | None = None
+        #: The read phase (its seq) that waits for a missing answer (see _progress_read).
+        self._straggler = -1
 
     @property
     def is_write(self) -> bool:
@@ -203,6 +209,10 @@ class Proposer:
             return []
         if token == DEADLINE_TOKEN:
             return self._fail(f"no majority answered within {self.config.deadline_ms:.0f} ms")
+        if token == STRAGGLER_TOKEN:
+            if self.phase is _Phase.READ and self._straggler == self.seq:
+                return self._begin_prepare()
+            return []
         if token != self.seq:
             return []  # a timer of an earlier phase
         if self.phase is _Phase.BACKOFF:
@@ -340,6 +350,15 @@ class Proposer:
         if len(self._down) > n - self.majority:
             return self._fail(f"{len(self._down)} of {n} nodes unreachable")
         if len(states) >= self.majority:
+            # Wait while the answers still missing could make a majority for one proposal, or
+            # for nothing: in a cluster of three the owner of a key holds no round-0 proposal,
+            # so its answer and one other can disagree while the third agrees with the other.
+            missing = n - len(states) - len(self._down)
+            if missing and max(max(held.values(), default=0), empty) + missing >= self.majority:
+                if self._straggler == self.seq:
+                    return []
+                self._straggler = self.seq
+                return [SetTimer(self.config.straggler_ms, STRAGGLER_TOKEN)]
             # Something was accepted but is not known to be chosen: complete it through Paxos.
             return self._begin_prepare()
         return []

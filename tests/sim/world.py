@@ -208,10 +208,13 @@ class Oracle:
 
     def __init__(self, majority: int) -> None:
         self.majority = majority
-        #: Nodes whose disk holds (or held, before being overwritten) the ballot; none wiped since.
-        self.acceptors: dict[tuple[bytes, Ballot], set[int]] = {}
-        #: Every node that ever made the ballot durable, wipes notwithstanding.
-        self.ever: dict[tuple[bytes, Ballot], set[int]] = {}
+        #: Nodes whose disk holds (or held, before being overwritten) the proposal at the ballot;
+        #: none wiped since. Keyed by ballot *and* proposal id: at the reserved round 0 two
+        #: acceptors may hold different proposals at one ballot (docs/design.md, a cluster of
+        #: three), and "chosen" means a majority holding one proposal at one ballot.
+        self.acceptors: dict[tuple[bytes, Ballot, bytes], set[int]] = {}
+        #: Every node that ever made the proposal at the ballot durable, wipes notwithstanding.
+        self.ever: dict[tuple[bytes, Ballot, bytes], set[int]] = {}
         self.proposal_at: dict[tuple[bytes, Ballot], Proposal] = {}
         self.chosen: dict[bytes, list[ChosenRecord]] = {}
         self.violations: list[str] = []
@@ -219,13 +222,15 @@ class Oracle:
     def on_durable(self, now: float, node: int, key: bytes, state: AcceptorState) -> ChosenRecord | None:
         if state.accepted == NO_BALLOT or state.proposal is None:
             return None
-        kb = (key, state.accepted)
-        known = self.proposal_at.setdefault(kb, state.proposal)
-        if known != state.proposal:
-            self.violations.append(
-                f"t={now:.3f} ballot {tuple(state.accepted)} of key {key!r} carries two proposals: "
-                f"{known} and {state.proposal}"
-            )
+        if state.accepted.round != FAST_ROUND or self.majority > 2:
+            # A ballot carries one proposal, except round 0 in a cluster of three (see above).
+            known = self.proposal_at.setdefault((key, state.accepted), state.proposal)
+            if known != state.proposal:
+                self.violations.append(
+                    f"t={now:.3f} ballot {tuple(state.accepted)} of key {key!r} carries two proposals: "
+                    f"{known} and {state.proposal}"
+                )
+        kb = (key, state.accepted, state.proposal.pid)
         ever = self.ever.setdefault(kb, set())
         ever_now = node not in ever and len(ever) + 1 == self.majority
         ever.add(node)
