@@ -62,9 +62,9 @@ Spare files: creating a file is the costliest step of such a write (a new inode 
 entry, committed by the temp file's fsync), so a background thread keeps a few hundred empty
 files ready in ``keys/.spare/``. A write takes one instead of creating its temp file: it writes
 the state into it, fsyncs it, renames it into the key's directory and fsyncs that directory,
-exactly the discipline above (and ``keys/.spare/`` is fsynced with the batch too). A spare is
-used only while it is a plain file with a single link, so a spare name that a crash left
-behind after its file became a key file is never written through. Spares left by an earlier
+exactly the discipline above. A spare is used only while it is a plain file with a single link,
+so a spare name that a crash left behind after its file became a key file (a file system that
+lost the spare directory's half of the rename) is never written through. Spares left by an earlier
 process are reused. Only the serving process, which holds the data directory's lock, uses
 spare files (``KeyFiles(spares=...)``); other users of a store (tools, tests) create temp files.
 
@@ -400,8 +400,6 @@ class _Spares:
         self._ready: list[str] = []
         self._wanted = threading.Event()
         self._stop = False
-        self.taken = 0
-        self.created = 0
         _makedirs_durably(directory)
         # Reuse what an earlier process left (names of our own tag cannot be among them).
         self._ready = [os.path.join(self._text, n) for n in os.listdir(directory) if n.endswith(".spare")]
@@ -415,8 +413,6 @@ class _Spares:
             low = len(self._ready) < self._kept // 2
         if low:
             self._wanted.set()
-        if spare is not None:
-            self.taken += 1
         return spare
 
     def ready(self) -> int:
@@ -444,7 +440,6 @@ class _Spares:
                     break
                 with self._lock:
                     self._ready.append(name)
-                self.created += 1
 
     def _stop_for_a_while(self) -> None:
         # A full or failing disk: try again later, when a write asks for a spare again.
