@@ -98,6 +98,7 @@ import secrets
 import stat
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,11 +301,16 @@ class DurabilityError(OSError):
     """
 
 
-def _write_fd(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_sync_close(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, fsync it, and close it (also when a step fails)."""
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_temp(final: Path, data: bytes) -> Path:
@@ -315,11 +321,7 @@ def _write_temp(final: Path, data: bytes) -> Path:
     tmp = _temp_name(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            _write_fd(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_sync_close(fd, data)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -436,14 +438,11 @@ class _Spares:
                 try:
                     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
                 except OSError:
-                    self._stop_for_a_while()
+                    # A full or failing disk: try again a second later, when a write asks.
+                    time.sleep(1.0)
                     break
                 with self._lock:
                     self._ready.append(name)
-
-    def _stop_for_a_while(self) -> None:
-        # A full or failing disk: try again later, when a write asks for a spare again.
-        threading.Event().wait(1.0)
 
 
 def _open_spare(spare: str) -> int | None:
@@ -590,11 +589,7 @@ class KeyFiles:
                 return
             assert spare is not None
             temps[job[0]] = Path(spare)
-            try:
-                _write_fd(fd, job[1])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_sync_close(fd, job[1])
 
         try:
             self._run_all(write, jobs)
