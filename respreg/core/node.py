@@ -415,11 +415,8 @@ class NodeCore:
         """
         if len(self.nodes) == 3:
             return self._begin_fast_peers(op_id, key, proposal, deadline_ms)
-        try:
-            slot = self._slot(key)
-        except Exception:  # noqa: BLE001 - an unreadable state: the normal path reports it
-            return None
-        if slot.state != EMPTY_STATE or slot.waiting or slot.held:
+        slot = self._empty_slot(key)
+        if slot is None:
             return None
         p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
         self.stats["fast_writes"] += 1
@@ -436,6 +433,18 @@ class NodeCore:
         if pending and sends:
             slot.held.append((slot.version, op_id, sends))
         return out
+
+    def _empty_slot(self, key: bytes) -> _Slot | None:
+        """This node's acceptor slot of ``key`` if it holds nothing (never promised, never
+        accepted, nothing waiting for a fsync), else None; None too for an unreadable state,
+        which the normal path then reports."""
+        try:
+            slot = self._slot(key)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
+        if slot.state != EMPTY_STATE or slot.waiting or slot.held:
+            return None
+        return slot
 
     def _begin_fast_peers(
         self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None
@@ -458,11 +467,7 @@ class NodeCore:
         # Any state here means full Paxos touched the key (it prepares on every node, this one
         # included): a round-0 write would only be refused, and could repeat ballot
         # (0, me, incarnation) of an earlier round-0 attempt for another proposal.
-        try:
-            slot = self._slot(key)
-        except Exception:  # noqa: BLE001 - an unreadable state: the normal path reports it
-            return None
-        if slot.state != EMPTY_STATE:
+        if self._empty_slot(key) is None:
             return None
         p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
         self.stats["fast_writes"] += 1
