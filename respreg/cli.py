@@ -44,6 +44,13 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
         choices=["yes", "no"],
         help="write the keys a node owns in one round trip (default yes; see docs/design.md)",
     )
+    p.add_argument(
+        "--sync",
+        default="auto",
+        choices=["auto", "fsync", "syncfs"],
+        help="how writes are made durable: fsync each file and directory, or sync the file system once "
+        "per batch (default auto: syncfs on Linux 5.8 and later; see docs/operations.md)",
+    )
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -87,6 +94,7 @@ def serve(argv: Sequence[str]) -> int:
             max_value_bytes=args.max_value_bytes,
             maxclients=args.maxclients,
             fast_writes=args.fast_writes == "yes",
+            sync_mode=args.sync,
         )
         config.validate()
     except ConfigError as exc:
@@ -190,6 +198,8 @@ def cluster(argv: Sequence[str]) -> int:
             str(args.maxclients),
             "--fast-writes",
             args.fast_writes,
+            "--sync",
+            args.sync,
             "--log-level",
             args.log_level,
         ]

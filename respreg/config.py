@@ -45,6 +45,9 @@ class ServerConfig:
     #: overhead, see respreg.core.node.CHOSEN_ENTRY_OVERHEAD).
     chosen_cache_bytes: int = 128 * 1024 * 1024
     fsync_threads: int = 8
+    #: How a batch of acceptor states is made durable: "fsync", "syncfs" or "auto"
+    #: (respreg.storage.resolve_sync_mode; docs/design.md, "Group commit").
+    sync_mode: str = "auto"
     #: Owners write their keys in one round trip at the reserved round 0 (docs/design.md).
     fast_writes: bool = True
 
@@ -68,6 +71,12 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} is not a TCP port")
         if self.max_value_bytes > self.proto_max_bulk_len or self.max_key_bytes > self.proto_max_bulk_len:
             raise ConfigError("--max-value-bytes and --max-key-bytes must not exceed --proto-max-bulk-len")
+        from .storage import resolve_sync_mode
+
+        try:
+            resolve_sync_mode(self.sync_mode)
+        except ValueError as exc:
+            raise ConfigError(f"--sync {self.sync_mode}: {exc}") from None
         if self.deadline_ms <= 0 or self.attempt_timeout_ms <= 0 or self.peer_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
 

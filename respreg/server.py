@@ -168,7 +168,7 @@ class NodeServer:
         self.status = self._handle.status
         self._peer_identities = load_peer_identities(cfg.data_dir)
         # This process holds the data directory's lock: it alone may use the spare files.
-        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads, spares=SPARES_KEPT)
+        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads, spares=SPARES_KEPT, sync=cfg.sync_mode)
         self.committer = GroupCommitter(self._files, loop)
         node_config = NodeConfig(
             proposer=ProposerConfig(attempt_timeout_ms=cfg.attempt_timeout_ms, deadline_ms=cfg.deadline_ms),
@@ -633,6 +633,8 @@ class NodeServer:
             "group_commit_writes": self.committer.writes,
             "group_commit_pending": self.committer.pending(),
             "fsync_errors": self.committer.fsync_errors,
+            "sync_mode": self._files.sync if self._files is not None else "",
+            "syncfs_batches": self._files.syncfs_batches if self._files is not None else 0,
             "spare_files_ready": self._files.spares_ready() if self._files is not None else 0,
             "data_dir": str(self.config.data_dir),
         }

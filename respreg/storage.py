@@ -88,6 +88,7 @@ Magic ``b"RPEE"``, version byte ``1``, entry count (u32), then per entry the mem
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -97,6 +98,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -301,16 +303,85 @@ class DurabilityError(OSError):
     """
 
 
-def _write_sync_close(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd``, fsync it, and close it (also when a step fails)."""
+def _not_durable(exc: OSError) -> DurabilityError:
+    return DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}")
+
+
+def _rename_all(pending: list[tuple[Path, Path]]) -> None:
+    """Rename each (final, temp) temp file onto its final name, in order. If a rename fails, the
+    temp files not yet renamed are removed and the error is raised: as it is when nothing was
+    renamed yet (nothing visible changed), as a DurabilityError otherwise."""
+    for i, (final, tmp) in enumerate(pending):
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            for _, left in pending[i:]:
+                _unlink_quietly(left)
+            if i == 0:
+                raise
+            raise _not_durable(exc) from exc
+
+
+def _write_close(fd: int, data: bytes, *, fsync: bool) -> None:
+    """Write all of ``data`` to ``fd``, fsync it if asked, and close it (also when a step fails)."""
     try:
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], None] | None:
+    """syncfs(2) from the C library, raising OSError on failure; None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+    return syncfs
+
+
+_syncfs = _load_syncfs()
+#: How a batch of writes is made durable: "fsync" (each file, then each directory), "syncfs" (two
+#: syncs of the whole file system per batch; see docs/design.md), or "auto" (the best one here).
+SYNC_MODES = ("auto", "fsync", "syncfs")
+#: In syncfs mode, smaller batches still use fsync: two syncs of the whole file system cost more
+#: than a file's and a directory's fsync when there is nothing to share them with.
+SYNCFS_MIN_BATCH = 4
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        parts = os.uname().release.split(".")
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (ValueError, IndexError):
+        return False
+
+
+def resolve_sync_mode(mode: str) -> str:
+    """Return "fsync" or "syncfs" for ``mode``. "auto" means syncfs where it reports write-back errors
+    (Linux 5.8 and later, through the C library's syncfs), and fsync everywhere else; asking for
+    "syncfs" where that does not hold is a ValueError."""
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync mode must be one of {', '.join(SYNC_MODES)}, not {mode!r}")
+    usable = _syncfs is not None and sys.platform == "linux" and _kernel_at_least(5, 8)
+    if mode == "auto":
+        return "syncfs" if usable else "fsync"
+    if mode == "syncfs" and not usable:
+        raise ValueError("syncfs mode needs Linux 5.8 or later (earlier kernels do not report its errors)")
+    return mode
 
 
 def _write_temp(final: Path, data: bytes) -> Path:
@@ -321,7 +392,7 @@ def _write_temp(final: Path, data: bytes) -> Path:
     tmp = _temp_name(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        _write_sync_close(fd, data)
+        _write_close(fd, data, fsync=True)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -467,9 +538,16 @@ def _open_spare(spare: str) -> int | None:
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
-    def __init__(self, root: Path, *, workers: int = 8, spares: int = 0) -> None:
+    def __init__(self, root: Path, *, workers: int = 8, spares: int = 0, sync: str = "fsync") -> None:
+        """``workers`` threads fsync files in parallel; ``spares`` empty files are kept ready for
+        writes (only for the process holding the data directory's lock); ``sync`` is how a batch
+        is made durable: "fsync", "syncfs" or "auto" (see :func:`resolve_sync_mode`)."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        #: "fsync" or "syncfs" (see :func:`resolve_sync_mode`).
+        self.sync = resolve_sync_mode(sync)
+        #: Batches made durable (or attempted) with two syncfs calls instead of fsyncs.
+        self.syncfs_batches = 0
         self.root = Path(root)
         _makedirs_durably(self.root)
         self._workers = workers
@@ -576,20 +654,15 @@ class KeyFiles:
         if not latest:
             return
         jobs = [(self.path_for(key), encode_state(key, state)) for key, state in latest.items()]
+        if self.sync == "syncfs" and len(jobs) >= SYNCFS_MIN_BATCH:
+            self._write_many_syncfs(jobs)
+            return
         leaves = list(dict.fromkeys(path.parent for path, _ in jobs))
         temps: dict[Path, Path] = {}
 
-        spares = self._spares
-
         def write(job: tuple[Path, bytes]) -> None:
-            spare = spares.take() if spares is not None else None
-            fd = _open_spare(spare) if spare is not None else None
-            if fd is None:
-                temps[job[0]] = _write_temp(job[0], job[1])
-                return
-            assert spare is not None
-            temps[job[0]] = Path(spare)
-            _write_sync_close(fd, job[1])
+            fd, temps[job[0]] = self._open_new(job[0])
+            _write_close(fd, job[1], fsync=True)
 
         try:
             self._run_all(write, jobs)
@@ -597,20 +670,59 @@ class KeyFiles:
             for tmp in temps.values():
                 _unlink_quietly(tmp)
             raise
-        pending = list(temps.items())
-        for i, (final, tmp) in enumerate(pending):
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
-                for _, left in pending[i:]:
-                    _unlink_quietly(left)
-                if i == 0:
-                    raise  # nothing visible changed
-                raise DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}") from exc
+        _rename_all(list(temps.items()))
         try:
             self._run_all(_fsync_dir, leaves)
         except OSError as exc:
-            raise DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}") from exc
+            raise _not_durable(exc) from exc
+
+    def _open_new(self, final: Path) -> tuple[int, Path]:
+        """A descriptor (for writing) and the path of the file that will become ``final``: a
+        spare file if one is ready, else a new temp file next to ``final``."""
+        spare = self._spares.take() if self._spares is not None else None
+        fd = _open_spare(spare) if spare is not None else None
+        if fd is not None and spare is not None:
+            return fd, Path(spare)
+        tmp = _temp_name(final)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
+
+    def _write_many_syncfs(self, jobs: list[tuple[Path, bytes]]) -> None:
+        """write_many with two file-system syncs per batch in place of a fsync per file and per
+        directory: every new state is written to its temp (or spare) file, one syncfs makes them
+        all durable, then all are renamed into place and a second syncfs makes the renames durable.
+
+        The first sync is made through a descriptor of one of the batch's files, opened before any
+        of its data was written, and the second through the keys directory, opened before any
+        rename: syncfs reports a write-back error that happened after its descriptor was opened.
+        """
+        assert _syncfs is not None
+        self.syncfs_batches += 1
+        temps: list[tuple[Path, Path]] = []
+        first_fd = -1
+        try:
+            for final, data in jobs:
+                fd, tmp = self._open_new(final)
+                temps.append((final, tmp))
+                if first_fd < 0:
+                    first_fd = os.dup(fd)
+                _write_close(fd, data, fsync=False)
+            _syncfs(first_fd)
+        except BaseException:
+            for _, tmp in temps:
+                _unlink_quietly(tmp)
+            raise
+        finally:
+            if first_fd >= 0:
+                os.close(first_fd)
+        root_fd = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _rename_all(temps)
+            try:
+                _syncfs(root_fd)
+            except OSError as exc:
+                raise _not_durable(exc) from exc
+        finally:
+            os.close(root_fd)
 
     def spares_ready(self) -> int:
         """Spare files ready for writes right now (see the module docstring)."""

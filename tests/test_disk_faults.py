@@ -30,7 +30,7 @@ import pytest
 import redis
 
 from respreg.peer import handshake_mac
-from respreg.storage import META_NAME, NodeMeta
+from respreg.storage import META_NAME, NodeMeta, resolve_sync_mode
 
 from .cluster import HOST, Cluster, Node, multibulk
 
@@ -93,6 +93,26 @@ def info_int(c: Cluster, node_id: int, section: str, name: str) -> int:
     return int(data[name])
 
 
+def info_str(c: Cluster, node_id: int, section: str, name: str) -> str:
+    with c.client(node_id, protocol=2, socket_timeout=CLIENT_TIMEOUT_S) as r:
+        data = r.info(section)
+    assert isinstance(data, dict)
+    return str(data[name])
+
+
+def assert_no_acceptance(state: object) -> None:
+    """A read reply of an acceptor (``PX R``) that reports no acceptance, or refuses."""
+    assert isinstance(state, list), state
+    assert state[1] == b"X" or state[2:7] == [-1, -1, -1, None, None], state
+
+
+def require_syncfs() -> None:
+    try:
+        resolve_sync_mode("syncfs")
+    except ValueError as exc:
+        pytest.skip(f"this machine cannot use syncfs mode: {exc}")
+
+
 def raw_ping(port: int) -> bool:
     with socket.create_connection((HOST, port), timeout=IO_LIMIT_S) as s:
         s.sendall(b"PING\r\n")
@@ -137,6 +157,11 @@ class PeerConn:
             chunk = self.sock.recv(65536)
             assert chunk, "the peer port closed the connection"
             self.reader.feed(chunk)
+
+    def ask_all(self, messages: list[bytes]) -> list[object]:
+        """Send every message in one write, then read one reply per message."""
+        self.sock.sendall(b"".join(messages))
+        return [self.ask(b"") for _ in messages]
 
     def login(self, c: Cluster, sender: int, target: int) -> object:
         """The full peer handshake as node ``sender`` (with its identity from node.meta) opening
@@ -304,9 +329,51 @@ def test_state_whose_directory_fsync_failed_is_not_reported(shim: Path, tmp_path
         assert isinstance(refused, list) and refused[:2] == [2, b"X"], refused
         assert info_int(c, 3, "persistence", "fsync_errors") > 0
         # The acceptance never became durable; the acceptor must not report it (or must refuse).
-        state = conn.ask(multibulk(b"PX", b"3", b"R", key))
-        assert isinstance(state, list), state
-        assert state[1] == b"X" or state[2:7] == [-1, -1, -1, None, None], state
+        assert_no_acceptance(conn.ask(multibulk(b"PX", b"3", b"R", key)))
+    finally:
+        if conn is not None:
+            conn.close()
+        c.close()
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs"])
+@pytest.mark.parametrize("broken", ["files", "directories"])
+def test_a_batch_whose_sync_failed_is_not_reported(shim: Path, tmp_path: Path, sync: str, broken: str) -> None:
+    """Eight accepts arrive in one read, so they are written as one batch (in syncfs mode: two
+    syncs of the file system for all of them). When the batch's data sync fails nothing became
+    visible; when the sync after the renames fails the states are visible but not durable.
+    Either way no accept is acknowledged, and no later read reports one."""
+    if sync == "syncfs":
+        require_syncfs()
+    trigger = tmp_path / "sync-is-broken"
+    c = EnvCluster(tmp_path / "cluster", extra_args=["--sync", sync])
+    c.root.mkdir()
+    c.node_env[3] = shim_env(shim, c.node(3), trigger, dirs_only=broken == "directories")
+    conn: PeerConn | None = None
+    keys = [b"batch:%d:" % i + uuid.uuid4().hex.encode() for i in range(8)]
+    try:
+        c.start()
+        c.wait_peers()
+        conn = PeerConn(c.node(3).peer_port)
+        assert conn.login(c, 1, 3) == b"OK"  # as node 1, a proposer
+        prepares = [multibulk(b"PX", b"%d" % (i + 1), b"P", k, b"1", b"1", b"1") for i, k in enumerate(keys)]
+        promises = conn.ask_all(prepares)
+        assert all(isinstance(p, list) and p[1] == b"P" for p in promises), promises
+        assert info_str(c, 3, "persistence", "sync_mode") == sync
+        syncfs_before = info_int(c, 3, "persistence", "syncfs_batches")
+        trigger.touch()
+        accepts = [
+            multibulk(b"PX", b"%d" % (100 + i), b"A", key, b"5", b"1", b"1", b"pid-%d" % i, b"value-%d" % i)
+            for i, key in enumerate(keys)
+        ]
+        refused = conn.ask_all(accepts)
+        assert all(isinstance(r, list) and r[1] == b"X" for r in refused), refused
+        assert info_int(c, 3, "persistence", "fsync_errors") > 0
+        used_syncfs = info_int(c, 3, "persistence", "syncfs_batches") > syncfs_before
+        assert used_syncfs == (sync == "syncfs")
+        states = conn.ask_all([multibulk(b"PX", b"%d" % (200 + i), b"R", key) for i, key in enumerate(keys)])
+        for state in states:
+            assert_no_acceptance(state)
     finally:
         if conn is not None:
             conn.close()

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from respreg import storage
 from respreg.core.types import NO_BALLOT, AcceptorState, Ballot, Proposal
 from respreg.storage import (
     JOINING,
@@ -32,6 +33,7 @@ from respreg.storage import (
     encode_state,
     load_peer_identities,
     open_node,
+    resolve_sync_mode,
     save_peer_identities,
     write_meta,
 )
@@ -48,9 +50,26 @@ SAMPLE = AcceptorState(
 )
 
 
+def _sync_modes() -> list[str]:
+    try:
+        resolve_sync_mode("syncfs")
+    except ValueError:
+        return ["fsync"]
+    return ["fsync", "syncfs"]
+
+
+@pytest.fixture(params=["fsync", "syncfs"])
+def sync(request: pytest.FixtureRequest) -> str:
+    """Each way of making a batch durable (KeyFiles(sync=...)); syncfs where the machine has it."""
+    mode = str(request.param)
+    if mode not in _sync_modes():
+        pytest.skip("this machine cannot use syncfs mode (it needs Linux 5.8 or later)")
+    return mode
+
+
 @pytest.fixture
-def files(tmp_path: Path) -> Iterator[KeyFiles]:
-    kf = KeyFiles(tmp_path / "keys")
+def files(tmp_path: Path, sync: str) -> Iterator[KeyFiles]:
+    kf = KeyFiles(tmp_path / "keys", sync=sync)
     yield kf
     kf.close()
 
@@ -175,12 +194,13 @@ def test_start_up_does_not_look_at_the_key_files_once_the_layout_is_marked(tmp_p
     assert (root / "ab" / "cd").is_dir()
 
 
-def test_write_many_1000_then_fresh_reload(tmp_path: Path) -> None:
+def test_write_many_1000_then_fresh_reload(tmp_path: Path, sync: str) -> None:
     root = tmp_path / "keys"
-    kf = KeyFiles(root, workers=8)
+    kf = KeyFiles(root, workers=8, sync=sync)
     items = [(b"key-%d" % i, state_for(i)) for i in range(1000)]
     try:
         kf.write_many(items)
+        assert kf.syncfs_batches == (1 if sync == "syncfs" else 0)
     finally:
         kf.close()
     fresh = KeyFiles(root)
@@ -586,10 +606,10 @@ def _wait_spares(files: KeyFiles, at_least: int) -> None:
     raise AssertionError(f"only {files.spares_ready()} spare files became ready")
 
 
-def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path) -> None:
+def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str) -> None:
     # 32 kept: taking 10 leaves more than half, so no refill runs during the batch (a refill
     # could hand out a spare created after the listing below).
-    files = KeyFiles(tmp_path / "keys", spares=32)
+    files = KeyFiles(tmp_path / "keys", spares=32, sync=sync)
     try:
         _wait_spares(files, 32)
         spare_dir = files.root / SPARE_DIR_NAME
@@ -663,3 +683,54 @@ def test_a_spare_name_that_is_a_second_link_to_a_key_file_is_never_written_throu
         assert not (spare_dir / "left-behind.spare").exists()
     finally:
         again.close()
+
+
+# ---- sync modes ------------------------------------------------------------------------------
+
+
+def test_sync_modes_resolve_and_reject_unknown_names() -> None:
+    assert resolve_sync_mode("fsync") == "fsync"
+    assert resolve_sync_mode("auto") in ("fsync", "syncfs")
+    assert resolve_sync_mode("auto") == _sync_modes()[-1]
+    with pytest.raises(ValueError, match="sync mode must be one of"):
+        resolve_sync_mode("sometimes")
+
+
+def test_syncfs_mode_syncs_the_file_system_twice_per_batch_and_fsyncs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "syncfs" not in _sync_modes():
+        pytest.skip("this machine cannot use syncfs mode (it needs Linux 5.8 or later)")
+    calls: list[str] = []
+    real_syncfs, real_fsync = storage._syncfs, os.fsync
+    assert real_syncfs is not None
+
+    def counting_syncfs(fd: int) -> None:
+        calls.append("syncfs " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_syncfs(fd)
+
+    def counting_fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    files = KeyFiles(tmp_path / "keys", sync="syncfs")
+    try:
+        monkeypatch.setattr(storage, "_syncfs", counting_syncfs)
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        batch = [(b"batch-%d" % i, state_for(i)) for i in range(storage.SYNCFS_MIN_BATCH)]
+        files.write_many(batch)
+        # First the data, through one of the batch's own files; then the renames, through keys/.
+        assert len(calls) == 2 and calls[0].startswith("syncfs " + str(files.root)), calls
+        assert calls[1] == "syncfs " + str(files.root), calls
+        calls.clear()
+        files.write_many(batch[:1] + [(b"small", SAMPLE)])  # a small batch fsyncs file and directory
+        assert calls and set(calls) == {"fsync"}, calls
+    finally:
+        monkeypatch.undo()
+        files.close()
+    reopened = KeyFiles(files.root)
+    try:
+        assert reopened.load(b"small") == SAMPLE
+        assert all(reopened.load(key) == state for key, state in batch)
+    finally:
+        reopened.close()

@@ -1,5 +1,6 @@
 /*
- * LD_PRELOAD shim for the disk-fault tests: makes fsync(2) and fdatasync(2) fail with EIO.
+ * LD_PRELOAD shim for the disk-fault tests: makes fsync(2), fdatasync(2) and syncfs(2) fail with
+ * EIO.
  *
  * A call fails only when the descriptor's path (readlink of /proc/self/fd/N) contains
  * RESPREG_FAIL_FSYNC_PATH and one of these holds:
@@ -86,4 +87,13 @@ int fdatasync(int fd)
         return -1;
     }
     return call_real("fdatasync", fd);
+}
+
+int syncfs(int fd)
+{
+    if (should_fail(fd)) {
+        errno = EIO;
+        return -1;
+    }
+    return call_real("syncfs", fd);
 }
