@@ -275,7 +275,7 @@ def decode_file(data: bytes, path_for_message: Path | str) -> tuple[bytes, Accep
 # ---- low-level durable file helpers ----------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -290,8 +290,9 @@ _TEMP_TAG = secrets.token_hex(8)
 _temp_numbers = itertools.count()
 
 
-def _temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{_TEMP_TAG}{next(_temp_numbers):x}.tmp")
+def _temp_name(final: str) -> str:
+    directory, name = os.path.split(final)
+    return f"{directory}/.{name}.{_TEMP_TAG}{next(_temp_numbers):x}.tmp"
 
 
 class DurabilityError(OSError):
@@ -307,7 +308,7 @@ def _not_durable(exc: OSError) -> DurabilityError:
     return DurabilityError(exc.errno, f"state renamed into place but not made durable: {exc}")
 
 
-def _rename_all(pending: list[tuple[Path, Path]]) -> None:
+def _rename_all(pending: list[tuple[str, str]]) -> None:
     """Rename each (final, temp) temp file onto its final name, in order. If a rename fails, the
     temp files not yet renamed are removed and the error is raised: as it is when nothing was
     renamed yet (nothing visible changed), as a DurabilityError otherwise."""
@@ -389,7 +390,7 @@ def _write_temp(final: Path, data: bytes) -> Path:
 
     On failure the temp file is removed when possible and the error is re-raised.
     """
-    tmp = _temp_name(final)
+    tmp = Path(_temp_name(str(final)))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         _write_close(fd, data, fsync=True)
@@ -410,7 +411,7 @@ def _subdirs(path: Path) -> list[str]:
         return []
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -526,13 +527,18 @@ def _open_spare(spare: str) -> int | None:
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            os.ftruncate(fd, 0)
+            if st.st_size:  # a spare is empty unless a crash interrupted a write into it
+                os.ftruncate(fd, 0)
             return fd
     except OSError:
         pass
     os.close(fd)
-    _unlink_quietly(Path(spare))
+    _unlink_quietly(spare)
     return None
+
+
+#: A key file is read with one read(2) of this size; only larger files need more.
+_READ_AT_ONCE = 64 * 1024
 
 
 class KeyFiles:
@@ -613,10 +619,16 @@ class KeyFiles:
         """
         path = self._path_text(key)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        try:
+            data = os.read(fd, _READ_AT_ONCE)
+            if len(data) == _READ_AT_ONCE:  # a large value: read the rest
+                with os.fdopen(os.dup(fd), "rb") as rest:
+                    data += rest.read()
+        finally:
+            os.close(fd)
         return decode_state(data, key, path)
 
     def scan(self, after: str, limit: int) -> list[tuple[str, bytes, AcceptorState]]:
@@ -653,14 +665,14 @@ class KeyFiles:
             latest[key] = state
         if not latest:
             return
-        jobs = [(self.path_for(key), encode_state(key, state)) for key, state in latest.items()]
+        jobs = [(self._path_text(key), encode_state(key, state)) for key, state in latest.items()]
         if self.sync == "syncfs" and len(jobs) >= SYNCFS_MIN_BATCH:
             self._write_many_syncfs(jobs)
             return
-        leaves = list(dict.fromkeys(path.parent for path, _ in jobs))
-        temps: dict[Path, Path] = {}
+        leaves = list(dict.fromkeys(os.path.dirname(path) for path, _ in jobs))
+        temps: dict[str, str] = {}
 
-        def write(job: tuple[Path, bytes]) -> None:
+        def write(job: tuple[str, bytes]) -> None:
             fd, temps[job[0]] = self._open_new(job[0])
             _write_close(fd, job[1], fsync=True)
 
@@ -676,17 +688,17 @@ class KeyFiles:
         except OSError as exc:
             raise _not_durable(exc) from exc
 
-    def _open_new(self, final: Path) -> tuple[int, Path]:
+    def _open_new(self, final: str) -> tuple[int, str]:
         """A descriptor (for writing) and the path of the file that will become ``final``: a
         spare file if one is ready, else a new temp file next to ``final``."""
         spare = self._spares.take() if self._spares is not None else None
         fd = _open_spare(spare) if spare is not None else None
         if fd is not None and spare is not None:
-            return fd, Path(spare)
+            return fd, spare
         tmp = _temp_name(final)
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
 
-    def _write_many_syncfs(self, jobs: list[tuple[Path, bytes]]) -> None:
+    def _write_many_syncfs(self, jobs: list[tuple[str, bytes]]) -> None:
         """write_many with two file-system syncs per batch in place of a fsync per file and per
         directory: every new state is written to its temp (or spare) file, one syncfs makes them
         all durable, then all are renamed into place and a second syncfs makes the renames durable.
@@ -697,7 +709,7 @@ class KeyFiles:
         """
         assert _syncfs is not None
         self.syncfs_batches += 1
-        temps: list[tuple[Path, Path]] = []
+        temps: list[tuple[str, str]] = []
         first_fd = -1
         try:
             for final, data in jobs:

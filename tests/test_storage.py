@@ -133,6 +133,15 @@ def test_round_trip_binary_keys_and_big_values(files: KeyFiles) -> None:
         reopened.close()
 
 
+@pytest.mark.parametrize("file_size", [65535, 65536, 65537, 3 * 65536])
+def test_files_around_the_single_read_size_load_whole(files: KeyFiles, file_size: int) -> None:
+    empty = len(encode_state(b"k", AcceptorState(Ballot(1, 1, 1), Ballot(1, 1, 1), Proposal(b"p", b""))))
+    state = AcceptorState(Ballot(1, 1, 1), Ballot(1, 1, 1), Proposal(b"p", b"v" * (file_size - empty)))
+    files.write_many([(b"k", state)])
+    assert files.path_for(b"k").stat().st_size == file_size
+    assert files.load(b"k") == state
+
+
 def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
     assert files.load(b"never") is None
     spare_dir = files.root / SPARE_DIR_NAME
