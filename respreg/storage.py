@@ -537,8 +537,16 @@ def _open_spare(spare: str) -> int | None:
     return None
 
 
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
 #: A key file is read with one read(2) of this size; only larger files need more.
 _READ_AT_ONCE = 64 * 1024
+
+
+def _announced_size(data: bytes) -> int:
+    """The file size the header at the start of ``data`` announces (0 without a whole header)."""
+    if len(data) < _HEADER.size:
+        return 0
+    return _HEADER.size + int(_HEADER.unpack_from(data, 0)[2])
 
 
 class KeyFiles:
@@ -554,6 +562,9 @@ class KeyFiles:
         self.sync = resolve_sync_mode(sync)
         #: Batches made durable (or attempted) with two syncfs calls instead of fsyncs.
         self.syncfs_batches = 0
+        # Reads do not update access times: that would dirty the inode of every key file read
+        # (for the first time since it was written), work a later sync would have to write back.
+        self._read_flags = os.O_RDONLY | os.O_CLOEXEC | _O_NOATIME
         self.root = Path(root)
         _makedirs_durably(self.root)
         self._workers = workers
@@ -619,12 +630,19 @@ class KeyFiles:
         """
         path = self._path_text(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, self._read_flags)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            if not self._read_flags & _O_NOATIME:
+                raise
+            # O_NOATIME needs the file's owner (or CAP_FOWNER): a tool run as another user.
+            self._read_flags &= ~_O_NOATIME
+            return self.load(key)
         try:
             data = os.read(fd, _READ_AT_ONCE)
-            if len(data) == _READ_AT_ONCE:  # a large value: read the rest
+            if len(data) == _READ_AT_ONCE or len(data) < _announced_size(data):
+                # A large value (or a short read): read on to the end of the file.
                 with os.fdopen(os.dup(fd), "rb") as rest:
                     data += rest.read()
         finally:
@@ -703,31 +721,31 @@ class KeyFiles:
         directory: every new state is written to its temp (or spare) file, one syncfs makes them
         all durable, then all are renamed into place and a second syncfs makes the renames durable.
 
-        The first sync is made through a descriptor of one of the batch's files, opened before any
-        of its data was written, and the second through the keys directory, opened before any
-        rename: syncfs reports a write-back error that happened after its descriptor was opened.
+        The first sync is made through a descriptor of one of the batch's files and the second
+        through the keys directory, both opened before any of the batch's data was written:
+        syncfs reports a write-back error that happened after its descriptor was opened.
         """
         assert _syncfs is not None
         self.syncfs_batches += 1
-        temps: list[tuple[str, str]] = []
-        first_fd = -1
-        try:
-            for final, data in jobs:
-                fd, tmp = self._open_new(final)
-                temps.append((final, tmp))
-                if first_fd < 0:
-                    first_fd = os.dup(fd)
-                _write_close(fd, data, fsync=False)
-            _syncfs(first_fd)
-        except BaseException:
-            for _, tmp in temps:
-                _unlink_quietly(tmp)
-            raise
-        finally:
-            if first_fd >= 0:
-                os.close(first_fd)
         root_fd = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            temps: list[tuple[str, str]] = []
+            first_fd = -1
+            try:
+                for final, data in jobs:
+                    fd, tmp = self._open_new(final)
+                    temps.append((final, tmp))
+                    if first_fd < 0:
+                        first_fd = os.dup(fd)
+                    _write_close(fd, data, fsync=False)
+                _syncfs(first_fd)
+            except BaseException:
+                for _, tmp in temps:
+                    _unlink_quietly(tmp)
+                raise
+            finally:
+                if first_fd >= 0:
+                    os.close(first_fd)
             _rename_all(temps)
             try:
                 _syncfs(root_fd)

@@ -219,9 +219,10 @@ def start_serve(cfg: Serve, started: list[subprocess.Popen[str]]) -> tuple[subpr
         (["--id", "1", "--peer-port", "1", "--data-dir", "d", "--peers", "1=a:1,1=b:2,3=c:3"], ["node id twice"]),
         (["--id", "1", "--peer-port", "1", "--data-dir", "d", "--peers", "1=a:1", "--port", "70000"], ["70000"]),
         (["--id", "1", "--peer-port", "1", "--data-dir", "d", "--peers", "1=a:1", "--log-level", "LOUD"], ["LOUD"]),
+        (["--id", "1", "--peer-port", "1", "--data-dir", "d", "--peers", "1=a:1", "--sync", "never"], ["never"]),
     ],
     ids=["no-flags", "missing-flags", "bad-id", "unknown-flag", "bad-peer", "peer-port-0", "empty-peers", "dup-id",
-         "port-out-of-range", "bad-log-level"],
+         "port-out-of-range", "bad-log-level", "bad-sync"],
 )  # fmt: skip
 def test_serve_rejects_bad_flags(tmp_path: Path, argv: list[str], needles: list[str]) -> None:
     res = run_respreg(["serve", *argv], tmp_path)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from respreg.storage import resolve_sync_mode
+
 from .cluster import HOST, Cluster, reference_redis, running
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -169,6 +171,7 @@ def test_info_persistence_counts_writes_and_spare_files(shared: Cluster) -> None
         time.sleep(0.05)
     assert int(now["spare_files_ready"]) > 0
     assert int(now["fsync_errors"]) == 0 and "group_commit_writes" in now
+    assert now["sync_mode"] == resolve_sync_mode("auto")  # the cluster runs with the default
 
 
 def test_hello_3(shared: Cluster) -> None:

@@ -142,6 +142,40 @@ def test_files_around_the_single_read_size_load_whole(files: KeyFiles, file_size
     assert files.load(b"k") == state
 
 
+def test_load_leaves_the_access_time_alone(files: KeyFiles) -> None:
+    """A read must not dirty the key file's inode (a later sync would write it back)."""
+    files.write_many([(b"k", SAMPLE)])
+    path = files.path_for(b"k")
+    st = os.stat(path)
+    old_atime_ns = st.st_mtime_ns - 3600 * 10**9  # older than the data: relatime would update it
+    os.utime(path, ns=(old_atime_ns, st.st_mtime_ns))
+    assert files.load(b"k") == SAMPLE
+    assert os.stat(path).st_atime_ns == old_atime_ns
+
+
+def test_load_without_the_right_to_skip_access_times_still_reads(
+    files: KeyFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_NOATIME is refused (EPERM) on files of another user; the store then reads without it."""
+    noatime = getattr(os, "O_NOATIME", 0)
+    if not noatime:
+        pytest.skip("this system has no O_NOATIME")
+    files.write_many([(b"k", SAMPLE)])
+    real_open = os.open
+    refused: list[int] = []
+
+    def open_as_another_user(path: str, flags: int, *args: int) -> int:
+        if flags & noatime:
+            refused.append(flags)
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    assert files.load(b"k") == SAMPLE
+    assert files.load(b"k") == SAMPLE
+    assert len(refused) == 1  # asked once, then never again
+
+
 def test_load_missing_returns_none_and_creates_nothing(files: KeyFiles) -> None:
     assert files.load(b"never") is None
     spare_dir = files.root / SPARE_DIR_NAME
