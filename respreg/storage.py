@@ -385,13 +385,18 @@ def resolve_sync_mode(mode: str) -> str:
     return mode
 
 
+def _create(path: Path | str) -> int:
+    """Create ``path``, which must not exist yet, and open it for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+
 def _write_temp(final: Path, data: bytes) -> Path:
     """Write ``data`` to a fresh temp file next to ``final`` and fsync it; return its path.
 
     On failure the temp file is removed when possible and the error is re-raised.
     """
     tmp = Path(_temp_name(str(final)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = _create(tmp)
     try:
         _write_close(fd, data, fsync=True)
     except BaseException:
@@ -508,7 +513,7 @@ class _Spares:
             while not self._stop and self.ready() < self._kept:
                 name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
                 try:
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                    os.close(_create(name))
                 except OSError:
                     # A full or failing disk: try again a second later, when a write asks.
                     time.sleep(1.0)
@@ -710,11 +715,12 @@ class KeyFiles:
         """A descriptor (for writing) and the path of the file that will become ``final``: a
         spare file if one is ready, else a new temp file next to ``final``."""
         spare = self._spares.take() if self._spares is not None else None
-        fd = _open_spare(spare) if spare is not None else None
-        if fd is not None and spare is not None:
-            return fd, spare
+        if spare is not None:
+            fd = _open_spare(spare)
+            if fd is not None:
+                return fd, spare
         tmp = _temp_name(final)
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
+        return _create(tmp), tmp
 
     def _write_many_syncfs(self, jobs: list[tuple[str, bytes]]) -> None:
         """write_many with two file-system syncs per batch in place of a fsync per file and per
