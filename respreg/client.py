@@ -2,9 +2,12 @@
 
 Pipelining: every command read from a packet is dispatched at once; its reply is either ready
 (bytes) or pending on Paxos (a future). Replies leave strictly in request order, batched into
-one write per packet. Memory is bounded per connection: reading pauses while the socket's send
-buffer is over its high-water mark (a client that does not read its replies) or while too many
-commands wait on Paxos, and the parser rejects oversized arguments from their headers.
+one write per connection per event-loop iteration: like redis-server, which writes replies just
+before it waits for events again, a node reads every connection that is ready and then writes
+all their replies in one burst (see NodeServer.flush_soon). Memory is bounded per connection:
+reading pauses while the socket's send buffer is over its high-water mark (a client that does
+not read its replies) or while too many commands wait on Paxos, and the parser rejects
+oversized arguments from their headers.
 """
 
 from __future__ import annotations
@@ -182,7 +185,14 @@ class ClientProtocol(asyncio.Protocol):
             self.inflight += 1
             fut.add_done_callback(partial(self._complete, slot, fmt))
         if out and self.transport is not None and not self.closed:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if self.closing:
+                self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            else:
+                # Written once every ready connection has been read (see NodeServer.flush_soon).
+                self._pending_out = out
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.srv.flush_soon(self)
         self._update_reading()
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
@@ -202,9 +212,10 @@ class ClientProtocol(asyncio.Protocol):
             # Many operations finish in one event-loop iteration (a shared read round, a group
             # commit): their replies leave in one write, after that iteration's callbacks ran.
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.srv.flush_soon(self)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the replies collected since the last write; resume reading if it was paused."""
         self._flush_scheduled = False
         if self.closed:
             return

@@ -97,6 +97,7 @@ class NodeServer:
         self.started = time.time()
         self.run_id = os.urandom(20).hex()
         self.clients: dict[int, ClientProtocol] = {}
+        self._to_flush: list[ClientProtocol] = []
         self._next_client = 1
         self.stats = {
             "total_connections_received": 0,
@@ -500,6 +501,20 @@ class NodeServer:
 
     def unregister_client(self, cid: int) -> None:
         self.clients.pop(cid, None)
+
+    def flush_soon(self, client: ClientProtocol) -> None:
+        """Have ``client`` write its collected replies once this event-loop iteration has read
+        every ready connection. All connections' replies then leave in one burst: the client
+        reading them is woken by the first and finds the rest already there, where one write per
+        read can wake it once per reply (benchmarks/PROFILE.md has the figures)."""
+        if not self._to_flush:
+            self._loop.call_soon(self._flush_clients)
+        self._to_flush.append(client)
+
+    def _flush_clients(self) -> None:
+        clients, self._to_flush = self._to_flush, []
+        for c in clients:
+            c.flush()
 
     def chosen_value(self, key: bytes) -> bytes | None:
         """The value this node already knows is chosen for ``key`` (answerable from memory)."""
