@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import random
 import resource
@@ -61,6 +62,8 @@ log = logging.getLogger("respreg.server")
 
 _UNREACHABLE = Unreachable()
 _ALARMS_LOGGED_MAX = 10_000
+#: Timers are kept per slot of this many per second: a timer fires up to one slot late.
+_TIMER_SLOTS_PER_S = 1000
 
 
 DumpEntry = tuple[str, bytes, AcceptorState]
@@ -106,7 +109,9 @@ class NodeServer:
             "protocol_errors": 0,
         }
         self._ops: dict[int, asyncio.Future[Outcome]] = {}
-        self._timers: dict[int, list[asyncio.TimerHandle]] = {}
+        #: Timers by the millisecond they are due in (see _apply and _timers_due).
+        self._timers: dict[int, list[tuple[int, int]]] = {}
+        self._timer_handles: dict[int, asyncio.TimerHandle] = {}
         self._next_op = 1
         self._routes: dict[int, tuple[PeerServerProtocol, int]] = {}
         self._next_route = 1
@@ -261,8 +266,6 @@ class NodeServer:
                 stale.append(op_id)
             for op_id in stale:
                 fut = self._ops.pop(op_id)
-                for h in self._timers.pop(op_id, ()):
-                    h.cancel()
                 was_write = op_id in self._write_ops
                 self._write_ops.discard(op_id)
                 if not fut.done():
@@ -282,9 +285,8 @@ class NodeServer:
             c.abort()
         for link in self.links.values():
             await link.stop()
-        for handles in self._timers.values():
-            for h in handles:
-                h.cancel()
+        for handle in self._timer_handles.values():
+            handle.cancel()
         if self.committer is not None:
             await self.committer.close()
         if self._files is not None:
@@ -580,9 +582,17 @@ class NodeServer:
             self._apply_status()
         self._apply(self.core.on_persisted(key, version, error))
 
-    def _timer(self, op_id: int, token: int) -> None:
+    def _timers_due(self, slot: int) -> None:
+        """Deliver the timers of one millisecond to the core. Those of operations that ended (or
+        that the watchdog ended) are dropped; negative ids are the core's own operations
+        (forwarded writes it runs for another node), which end without an OpDone, so their
+        timers are always delivered."""
         assert self.core is not None
-        self._apply(self.core.on_timer(op_id, token))
+        del self._timer_handles[slot]
+        ops = self._ops
+        for op_id, token in self._timers.pop(slot, ()):
+            if op_id < 0 or op_id in ops:
+                self._apply(self.core.on_timer(op_id, token))
 
     # ---- effects -----------------------------------------------------------------------------
 
@@ -601,14 +611,15 @@ class NodeServer:
                 assert self.committer is not None
                 self.committer.submit(e.key, e.state, partial(self._persisted, e.key, e.version))
             elif isinstance(e, OpTimer):
-                handle = loop.call_later(e.delay_ms / 1000, self._timer, e.op_id, e.token)
-                if e.op_id >= 0:
-                    # Negative ids are the core's own operations (forwarded writes it runs for
-                    # another node): they end without an OpDone, and their timers just expire.
-                    self._timers.setdefault(e.op_id, []).append(handle)
+                # Timers due in the same millisecond share one event-loop timer; a timer of an
+                # operation that has ended is dropped when it comes due (see _timers_due).
+                slot = math.ceil((loop.time() + e.delay_ms / 1000) * _TIMER_SLOTS_PER_S)
+                due = self._timers.get(slot)
+                if due is None:
+                    self._timers[slot] = due = []
+                    self._timer_handles[slot] = loop.call_at(slot / _TIMER_SLOTS_PER_S, self._timers_due, slot)
+                due.append((e.op_id, e.token))
             elif isinstance(e, OpDone):
-                for h in self._timers.pop(e.op_id, ()):
-                    h.cancel()
                 fut = self._ops.pop(e.op_id, None)
                 self._write_ops.discard(e.op_id)
                 if fut is not None and not fut.done():
