@@ -16,6 +16,7 @@ This module is sans-IO: bytes in, commands out; values in, bytes out.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,12 +51,32 @@ def _strict_int(text: bytes) -> int | None:
     return None
 
 
+#: Multibulk count and bulk length lines in the one form the fast path takes; anything else,
+#: longer or not canonical, goes through the full parser (see RequestParser._split).
+_COUNT_LINES: dict[bytes, int] = {b"*%d" % i: i for i in range(1, 1025)}
+_BULK_LINES: dict[bytes, int] = {b"$%d" % i: i for i in range(10_000)}
+#: The fast path splits at most this many bytes at once.
+_SPLIT_WINDOW = 16 * 1024
+
+
 class RequestParser:
     """Incremental request parser: ``feed`` bytes, then call ``next`` until it returns None."""
 
-    __slots__ = ("_buf", "_pos", "_args", "_want", "_need", "_chunks", "_chunked", "max_bulk", "max_args")
+    __slots__ = (
+        "_buf",
+        "_pos",
+        "_args",
+        "_want",
+        "_need",
+        "_chunks",
+        "_chunked",
+        "_ready",
+        "_split_ok",
+        "max_bulk",
+        "max_args",
+    )
 
-    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_args: int = 1024 * 1024) -> None:
+    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_args: int = 1024 * 1024, split: bool = True) -> None:
         self._buf = b""
         self._pos = 0
         self._args: list[bytes] = []  # arguments of a multibulk command read so far
@@ -63,6 +84,9 @@ class RequestParser:
         self._need = 0  # bytes the buffer must hold (from _pos) before parsing can progress
         self._chunks: list[bytes] = []
         self._chunked = 0
+        self._ready: deque[list[bytes]] = deque()  # commands the fast path parsed ahead
+        # The fast path takes only lengths and counts both limits allow (see _split).
+        self._split_ok = split and max_bulk >= len(_BULK_LINES) - 1 and max_args >= len(_COUNT_LINES)
         self.max_bulk = max_bulk
         self.max_args = max_args
 
@@ -89,6 +113,13 @@ class RequestParser:
 
     def next(self) -> list[bytes] | None:
         """The next complete command, or None if more bytes are needed."""
+        ready = self._ready
+        if ready:
+            return ready.popleft()
+        if self._split_ok and not self._want and not self._need and self._pos < len(self._buf):
+            self._split()
+            if ready:
+                return ready.popleft()
         while True:
             buf = self._buf
             pos = self._pos
@@ -146,6 +177,48 @@ class RequestParser:
             self._pos = pos
             self._args = []
             return args
+
+    def _split(self) -> None:
+        """The fast path: parse the well-formed multibulk commands at the start of the buffer
+        (up to _SPLIT_WINDOW bytes) with one ``split`` into ``_ready``, and stop at the first
+        thing it does not take, which the full parser then reads from where this one stopped.
+
+        It takes a command only when its count line and every bulk length line are one of the
+        canonical forms above and every payload is followed by CRLF, and such a command is read
+        the same way by the full parser: a line that equals ``$n`` was followed by CRLF, so it
+        ended at the first CR, as the full parser reads it; a part after it of exactly ``n``
+        bytes is followed by CRLF and contains none, so it is the payload the full parser
+        reads (n bytes on). A payload that contains CRLF, or is not followed by it, splits
+        into parts of other lengths, and the fast path stops there.
+        """
+        pos = self._pos
+        window = self._buf[pos : pos + _SPLIT_WINDOW]
+        parts = window.split(b"\r\n")
+        last = len(parts) - 1  # parts[last] is not followed by CRLF: never a complete line
+        count_of = _COUNT_LINES.get
+        length_of = _BULK_LINES.get
+        ready = self._ready
+        i = 0
+        while i < last:
+            count = count_of(parts[i])
+            if count is None:
+                break
+            end = i + 1 + 2 * count
+            if end > last:
+                break
+            if count == 2:
+                h1, a1, h2, a2 = parts[i + 1 : end]
+                if length_of(h1) != len(a1) or length_of(h2) != len(a2):
+                    break
+                ready.append([a1, a2])
+            else:
+                args = parts[i + 2 : end : 2]
+                if list(map(length_of, parts[i + 1 : end : 2])) != list(map(len, args)):
+                    break
+                ready.append(args)
+            i = end
+        if i:
+            self._pos = pos + sum(map(len, parts[:i])) + 2 * i
 
     def _inline(self) -> list[bytes] | None:
         buf = self._buf

@@ -437,6 +437,62 @@ def test_any_split_of_a_pipeline_parses_the_same(stream: tuple[bytes, list[list[
     assert p.buffered() == 0
 
 
+def _parse_all(raw: bytes, cuts: list[int], split: bool, max_bulk: int) -> tuple[list[list[bytes]], str | None, int]:
+    """Feed ``raw`` in pieces; every command, the protocol error (if any) and the bytes left."""
+    p = RequestParser(max_bulk=max_bulk, split=split)
+    got: list[list[bytes]] = []
+    prev = 0
+    for cut in [*cuts, len(raw)]:
+        p.feed(raw[prev:cut])
+        prev = cut
+        try:
+            for _ in range(len(raw) + 1):
+                cmd = p.next()
+                if cmd is None:
+                    break
+                got.append(cmd)
+        except ProtocolError as exc:
+            return got, str(exc), p.buffered()
+    return got, None, p.buffered()
+
+
+#: Pieces of well-formed and broken multibulk requests: the fast path must stop at anything it
+#: does not take exactly as the full parser would read it.
+_PIECES = st.sampled_from(
+    [
+        b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+        b"*3\r\n$7\r\nSETONCE\r\n$1\r\nk\r\n$2\r\nv1\r\n",
+        b"*1\r\n$4\r\nPING\r\n",
+        b"*2\r\n$3\r\nGET\r\n$4\r\na\r\nb\r\n",  # CRLF inside a payload
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nv\r\nw\r\n",
+        b"*2\r\n$3\r\nGET\r\n$1\r\nkXY",  # no CRLF after the payload
+        b"*2\r\n$3\r\nGET\r\n$01\r\nk\r\n",  # a length with a leading zero
+        b"*2\r\n$3\r\nGET\r\n$-1\r\n",
+        b"*2\r\n$3\r\nGET\r\n:1\r\n",
+        b"*2\r\n$3\rXGET\r\n$1\r\nk\r\n",  # CR not followed by LF
+        b"*02\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+        b"*0\r\n",
+        b"*-1\r\n",
+        b"*1025\r\n",
+        b"$3\r\nGET\r\n",
+        b"GET k\r\n",
+        b"\r\n",
+        b"*2\r\n$3\r\nSET\r\n$20000\r\n" + b"x" * 20000 + b"\r\n",
+        b"*2\r\n$3\r\nSET\r\n$9000\r\n" + b"y" * 9000 + b"\r\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, min_size=1, max_size=12), st.data(), st.sampled_from([512 * 1024 * 1024, 100]))
+def test_the_split_fast_path_parses_exactly_like_the_full_parser(
+    pieces: list[bytes], data: st.DataObject, max_bulk: int
+) -> None:
+    raw = b"".join(pieces)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(raw)), max_size=8), label="cuts")))
+    assert _parse_all(raw, cuts, True, max_bulk) == _parse_all(raw, cuts, False, max_bulk)
+
+
 # ---- on the wire, compared with redis-server 7 -------------------------------------------------
 
 
