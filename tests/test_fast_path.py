@@ -152,6 +152,8 @@ def test_non_owner_of_three_forwards_and_the_owner_writes_at_round_zero_through_
     assert key not in s.disk[NodeId(2)]
     assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 2, 0) for n in (NodeId(1), NodeId(3)))
     assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+    # The forwarding node learned the outcome from the owner's reply, not from a learn message.
+    assert [s.cores[n].stats["learn_received"] for n in IDS] == [0, 0, 1]
 
 
 def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round() -> None:
@@ -326,8 +328,10 @@ def test_non_owner_of_five_forwards_to_the_owner() -> None:
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
     assert s.cores[NodeId(2)].stats["fast_writes"] == 1
     assert s.cores[NodeId(1)].stats["writes_forwarded"] == 1
-    # The forwarding node learned the value: its later reads are answered from memory.
+    # The forwarding node learned the value from the reply: its later reads are answered from
+    # memory. Every other node but the owner got a learn message.
     assert s.cores[NodeId(1)].chosen(key) == outcome.proposal
+    assert [s.cores[n].stats["learn_received"] for n in IDS5] == [0, 0, 1, 1, 1]
 
 
 def _fail_forward(s: Scripted, reply: Unreachable | Written) -> None:

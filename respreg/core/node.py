@@ -190,6 +190,9 @@ class _Slot:
         self.held: list[tuple[int, int, list[Send]]] = []
 
 
+_NO_REMOTE: tuple[NodeId | None, int] = (None, 0)
+
+
 class NodeCore:
     def __init__(
         self,
@@ -642,7 +645,8 @@ class NodeCore:
                 if isinstance(e.msg, Learn):
                     if e.to == self.me:
                         self._learn(e.msg.key, e.msg.proposal)
-                    else:
+                    elif self._remote_ops.get(op_id, _NO_REMOTE)[0] != e.to:
+                        # A node that forwarded this write learns the outcome from the reply.
                         out.append(PeerSend(e.to, 0, e.msg))
                     continue
                 req_id = self._next_req
