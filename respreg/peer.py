@@ -303,7 +303,8 @@ class PeerServerProtocol(asyncio.Protocol):
         self._check_identity = check_identity
         # Until the handshake, only a short PEER.HELLO is acceptable: a stranger cannot make this
         # node buffer large arguments.
-        self._parser = RequestParser(max_bulk=1024, max_args=16)
+        # Small limits until the peer has authenticated; the fast path waits for the final ones.
+        self._parser = RequestParser(max_bulk=1024, max_args=16, split=False)
         self._max_bulk = max_bulk
         self._transport: asyncio.Transport | None = None
         self._peer: NodeId | None = None
@@ -390,6 +391,7 @@ class PeerServerProtocol(asyncio.Protocol):
                 self._peer = sender
                 self._parser.max_bulk = self._max_bulk
                 self._parser.max_args = 16
+                self._parser.split = True
                 self._send(b"+OK\r\n" if remembered is None else b"+REMEMBERS " + remembered.hex().encode() + b"\r\n")
                 return
             if name == b"PING":

@@ -71,7 +71,7 @@ class RequestParser:
         "_chunks",
         "_chunked",
         "_ready",
-        "_split_ok",
+        "split",
         "max_bulk",
         "max_args",
     )
@@ -85,8 +85,9 @@ class RequestParser:
         self._chunks: list[bytes] = []
         self._chunked = 0
         self._ready: deque[list[bytes]] = deque()  # commands the fast path parsed ahead
-        # The fast path takes only lengths and counts both limits allow (see _split).
-        self._split_ok = split and max_bulk >= len(_BULK_LINES) - 1 and max_args >= len(_COUNT_LINES)
+        #: Whether the fast path may parse ahead (see _split). The limits below apply to what is
+        #: parsed after a change; keep the fast path off until they are final.
+        self.split = split
         self.max_bulk = max_bulk
         self.max_args = max_args
 
@@ -116,7 +117,7 @@ class RequestParser:
         ready = self._ready
         if ready:
             return ready.popleft()
-        if self._split_ok and not self._want and not self._need and self._pos < len(self._buf):
+        if self.split and not self._want and not self._need and self._pos < len(self._buf):
             self._split()
             if ready:
                 return ready.popleft()
@@ -184,7 +185,8 @@ class RequestParser:
         thing it does not take, which the full parser then reads from where this one stopped.
 
         It takes a command only when its count line and every bulk length line are one of the
-        canonical forms above and every payload is followed by CRLF, and such a command is read
+        canonical forms above, within ``max_args`` and ``max_bulk``, and every payload is
+        followed by CRLF, and such a command is read
         the same way by the full parser: a line that equals ``$n`` was followed by CRLF, so it
         ended at the first CR, as the full parser reads it; a part after it of exactly ``n``
         bytes is followed by CRLF and contains none, so it is the payload the full parser
@@ -198,22 +200,28 @@ class RequestParser:
         count_of = _COUNT_LINES.get
         length_of = _BULK_LINES.get
         ready = self._ready
+        max_args = self.max_args
+        max_bulk = self.max_bulk
+        check_bulk = max_bulk < len(_BULK_LINES) - 1  # else every length it takes is allowed
         i = 0
         while i < last:
             count = count_of(parts[i])
-            if count is None:
+            if count is None or count > max_args:
                 break
             end = i + 1 + 2 * count
             if end > last:
                 break
             if count == 2:
                 h1, a1, h2, a2 = parts[i + 1 : end]
-                if length_of(h1) != len(a1) or length_of(h2) != len(a2):
+                n1 = len(a1)
+                n2 = len(a2)
+                if length_of(h1) != n1 or length_of(h2) != n2 or (check_bulk and max(n1, n2) > max_bulk):
                     break
                 ready.append([a1, a2])
             else:
                 args = parts[i + 2 : end : 2]
-                if list(map(length_of, parts[i + 1 : end : 2])) != list(map(len, args)):
+                lengths = list(map(len, args))
+                if list(map(length_of, parts[i + 1 : end : 2])) != lengths or (check_bulk and max(lengths) > max_bulk):
                     break
                 ready.append(args)
             i = end

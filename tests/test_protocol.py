@@ -437,9 +437,11 @@ def test_any_split_of_a_pipeline_parses_the_same(stream: tuple[bytes, list[list[
     assert p.buffered() == 0
 
 
-def _parse_all(raw: bytes, cuts: list[int], split: bool, max_bulk: int) -> tuple[list[list[bytes]], str | None, int]:
+def _parse_all(
+    raw: bytes, cuts: list[int], split: bool, limits: tuple[int, int]
+) -> tuple[list[list[bytes]], str | None, int]:
     """Feed ``raw`` in pieces; every command, the protocol error (if any) and the bytes left."""
-    p = RequestParser(max_bulk=max_bulk, split=split)
+    p = RequestParser(max_bulk=limits[0], max_args=limits[1], split=split)
     got: list[list[bytes]] = []
     prev = 0
     for cut in [*cuts, len(raw)]:
@@ -484,13 +486,13 @@ _PIECES = st.sampled_from(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_PIECES, min_size=1, max_size=12), st.data(), st.sampled_from([512 * 1024 * 1024, 100]))
-def test_the_split_fast_path_parses_exactly_like_the_full_parser(
-    pieces: list[bytes], data: st.DataObject, max_bulk: int
-) -> None:
+@given(st.lists(_PIECES, min_size=1, max_size=12), st.data())
+def test_the_split_fast_path_parses_exactly_like_the_full_parser(pieces: list[bytes], data: st.DataObject) -> None:
+    """Split anywhere, under the default limits and tight ones (max_bulk, max_args)."""
     raw = b"".join(pieces)
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(raw)), max_size=8), label="cuts")))
-    assert _parse_all(raw, cuts, True, max_bulk) == _parse_all(raw, cuts, False, max_bulk)
+    for limits in [(512 * 1024 * 1024, 1024 * 1024), (100, 1024 * 1024), (512 * 1024 * 1024, 2), (3, 16)]:
+        assert _parse_all(raw, cuts, True, limits) == _parse_all(raw, cuts, False, limits), limits
 
 
 # ---- on the wire, compared with redis-server 7 -------------------------------------------------
