@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from respreg.core.types import NodeId, owner_of
+
 from .cluster import Cluster, running
 
 DEADLINE_MS = 2000
@@ -289,11 +291,19 @@ def test_new_cluster_votes_only_after_every_member_confirmed(tmp_path: Path) -> 
         c.start(1, 2)
         n1 = c.client(1, socket_timeout=DEADLINE_MS / 1000 + 5)
         assert n1.info("paxos")["acceptor"] == "joining"
+        # Node 1 owns "early-5" and runs Paxos itself: nothing was sent for acceptance.
+        assert owner_of(b"early-5", [NodeId(1), NodeId(2), NodeId(3)]) == 1
         with pytest.raises(redis.ResponseError, match="^NOQUORUM"):
+            n1.execute_command("SETONCE", "early-5", "x")
+        # Node 2 owns "early": node 1 forwards the write, and a forward, once sent, may still be
+        # delivered (again) later, so the answer is UNCERTAIN even though node 2 said NOQUORUM.
+        assert owner_of(b"early", [NodeId(1), NodeId(2), NodeId(3)]) == 2
+        with pytest.raises(redis.ResponseError, match="^UNCERTAIN"):
             n1.execute_command("SETONCE", "early", "x")
         c.start(3)
         c.wait_peers()
         assert {c.client(n).info("paxos")["acceptor"] for n in (1, 2, 3)} == {"voting"}
         assert n1.execute_command("SETONCE", "early", "y") in (b"OK", True)
+        assert n1.execute_command("SETONCE", "early-5", "y") in (b"OK", True)
     finally:
         c.close()

@@ -372,9 +372,10 @@ class NodeCore:
                 self._learn(fwd.key, reply.proposal)
                 self._count_outcome(outcome)
                 return [OpDone(op_id, outcome), *self._write_done(fwd.key, op_id)]
-            # The owner could not reach a majority; this node may. NOQUORUM from the owner means
-            # it never sent the proposal for acceptance, so this node's attempt may say so too.
-            return self._fall_back(op_id, maybe_sent=reply.kind != "NOQUORUM")
+            # The owner could not reach a majority; this node may. A NOQUORUM from the owner
+            # speaks for one copy of the forward only: a duplicate delivered later, to an owner
+            # that restarted since (and so forgot it had seen the forward), would write it. So
+            # this node's attempt never answers NOQUORUM either.
         # Unreachable (the link failed, maybe after the owner received it) or Refused.
         return self._fall_back(op_id, maybe_sent=True)
 
