@@ -64,6 +64,7 @@ from .core.types import (
     Request,
     State,
     Unreachable,
+    Voted,
     Written,
 )
 from .resp import ProtocolError, RequestParser, bulk, error
@@ -94,11 +95,17 @@ def encode_request(req_id: int, msg: Request) -> bytes:
     if isinstance(msg, Prepare):
         return _cmd(b"PX", rid, b"P", msg.key, *_b(msg.ballot))
     if isinstance(msg, Accept):
+        if msg.notify:
+            return _cmd(
+                b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value, b"%d" % msg.notify
+            )
         return _cmd(b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value)
     if isinstance(msg, Read):
         return _cmd(b"PX", rid, b"R", msg.key)
     if isinstance(msg, Propose):
         return _cmd(b"PX", rid, b"W", msg.key, msg.proposal.pid, msg.proposal.value, b"%d" % msg.deadline_ms)
+    if isinstance(msg, Voted):
+        return _cmd(b"PX", b"0", b"V", msg.key, *_b(msg.ballot), msg.pid)
     return _cmd(b"PX", b"0", b"L", msg.key, msg.proposal.pid, msg.proposal.value)
 
 
@@ -119,17 +126,25 @@ def _ballot(args: list[bytes]) -> Ballot:
 def decode_request(args: list[bytes]) -> tuple[int, Request]:
     """Parse ``PX ...`` arguments (without the ``PX``); raises ValueError on anything malformed.
 
-    Numbers must fit the signed 64-bit fields of the state files; only a learn has request id 0.
+    Numbers must fit the signed 64-bit fields of the state files; only a learn and a vote have
+    request id 0.
     """
     req_id = _i64(args[0])
     kind = args[1]
     key = args[2]
-    if (req_id == 0) != (kind == b"L") or req_id < 0:
+    if (req_id == 0) != (kind in (b"L", b"V")) or req_id < 0:
         raise ValueError("bad request id")
     if kind == b"P" and len(args) == 6:
         return req_id, Prepare(key, _ballot(args[3:6]))
     if kind == b"A" and len(args) == 8:
         return req_id, Accept(key, _ballot(args[3:6]), Proposal(args[6], args[7]))
+    if kind == b"A" and len(args) == 9:
+        notify = _i64(args[8])
+        if notify <= 0:
+            raise ValueError("bad node to notify")
+        return req_id, Accept(key, _ballot(args[3:6]), Proposal(args[6], args[7]), notify)
+    if kind == b"V" and len(args) == 7:
+        return req_id, Voted(key, _ballot(args[3:6]), args[6])
     if kind == b"R" and len(args) == 3:
         return req_id, Read(key)
     if kind == b"L" and len(args) == 5:

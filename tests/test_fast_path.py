@@ -22,6 +22,7 @@ from respreg.core.types import (
     Proposal,
     Propose,
     Unreachable,
+    Voted,
     Written,
     owner_of,
 )
@@ -456,3 +457,76 @@ def test_a_read_waiting_for_the_next_round_fails_at_its_deadline() -> None:
     outcome = s.outcomes[2]
     assert isinstance(outcome, Failed) and outcome.kind is Failure.NOQUORUM
     assert 1 not in s.outcomes
+
+
+# ---- votes: a forwarding node learns the outcome from the acceptors ---------------------------
+
+
+def _forwarded_and_accepted(s: Scripted, key: bytes) -> None:
+    """Node 1 forwards op 7 to the owner, node 2, which sends its round-0 accepts."""
+    s.write(1, 7, key, b"p7", b"v")
+    s.deliver(src=1, dst=2)
+    assert sorted((r.dst, r.msg.notify) for r in s.requests if isinstance(r.msg, Accept)) == [(1, 1), (3, 1)]
+    s.deliver(src=2)  # both accepts arrive; nothing is durable yet
+
+
+def test_forwarding_node_answers_once_both_acceptors_vouch_before_the_owner_does() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    _forwarded_and_accepted(s, key)
+    s.flush(3)
+    assert [(r.src, r.dst, type(r.msg)) for r in s.requests] == [(3, 1, Voted)]
+    s.deliver(src=3, dst=1)
+    assert 7 not in s.outcomes  # node 1's own acceptance is not durable yet
+    s.flush(1)
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
+    assert s.cores[NodeId(1)].stats["forwards_settled_by_votes"] == 1
+    # The owner has not heard a single acceptance yet: the answer did not wait for it.
+    assert sorted(r.src for r in s.replies if r.dst == 2 and isinstance(r.reply, Accepted)) == [1, 3]
+    assert s.cores[NodeId(2)].stats["ops_chosen"] == 0
+    # The owner's own answer arrives later and changes nothing.
+    s.outcomes.clear()
+    s.settle([1, 2, 3])
+    assert 7 not in s.outcomes
+    assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+
+
+def test_votes_for_another_proposal_or_from_the_owner_do_not_count() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    _forwarded_and_accepted(s, key)
+    s.flush(1)
+    core = s.cores[NodeId(1)]
+    b = Ballot(FAST_ROUND, 2, 0)
+    s.apply(NodeId(1), core.on_request(NodeId(3), 0, Voted(key, b, b"p8")))  # another proposal
+    s.apply(NodeId(1), core.on_request(NodeId(2), 0, Voted(key, b, b"p7")))  # the owner
+    s.apply(NodeId(1), core.on_request(NodeId(3), 0, Voted(key, Ballot(1, 2, 0), b"p7")))  # not round 0
+    s.apply(NodeId(1), core.on_request(NodeId(3), 0, Voted(key, Ballot(FAST_ROUND, 2, 5), b"p7")))  # other ballot
+    assert 7 not in s.outcomes
+    s.apply(NodeId(1), core.on_request(NodeId(3), 0, Voted(key, b, b"p7")))
+    assert isinstance(s.outcomes[7], Chosen)
+
+
+def test_no_vote_for_an_acceptance_whose_sync_failed() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    _forwarded_and_accepted(s, key)
+    (_, p3) = next((n, p) for n, p in s.persists if n == 3)
+    s.persists.remove((NodeId(3), p3))
+    s.apply(NodeId(3), s.cores[NodeId(3)].on_persisted(p3.key, p3.version, OSError("EIO")))
+    assert not any(isinstance(r.msg, Voted) for r in s.requests)
+    s.flush(1)
+    s.deliver(src=3, dst=1)
+    assert 7 not in s.outcomes
+
+
+def test_a_write_node_one_runs_itself_sends_no_notify() -> None:
+    """Only forwarded writes ask for votes: the owner's own clients get its answer directly."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(1)
+    s.write(1, 7, key, b"p7", b"v")
+    assert {r.msg.notify for r in s.requests if isinstance(r.msg, Accept)} == {0}
+    s.settle([1, 2, 3])
+    assert isinstance(s.outcomes[7], Chosen)
+    assert not any(s.cores[n].stats["forwards_settled_by_votes"] for n in IDS)

@@ -22,6 +22,7 @@ from respreg.core.types import (
     Reply,
     Request,
     State,
+    Voted,
     Written,
 )
 from respreg.peer import decode_reply, decode_request, encode_reply, encode_request
@@ -36,6 +37,8 @@ REQUESTS: list[tuple[int, Request]] = [
     (7, Read(b"")),
     (0, Learn(b"k", P)),
     (8, Propose(b"k", P, 3000)),
+    (9, Accept(b"k", Ballot(0, 1, 0), P, notify=3)),
+    (0, Voted(b"k", Ballot(0, 2, 123456789012), P.pid)),
 ]
 REPLIES: list[Reply] = [
     Promise(B, NO_BALLOT, None, False),

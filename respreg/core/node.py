@@ -41,6 +41,7 @@ from .types import (
     EMPTY_STATE,
     FAST_ROUND,
     Accept,
+    Accepted,
     AcceptorState,
     Ballot,
     Learn,
@@ -53,6 +54,7 @@ from .types import (
     Refused,
     Reply,
     Request,
+    Voted,
     Written,
     owner_of,
 )
@@ -167,6 +169,8 @@ class _Forward:
     key: bytes
     proposal: Proposal
     deadline_ms: float
+    #: Nodes that vouched, durably, that they hold this proposal at a round-0 ballot (Voted).
+    votes: dict[NodeId, Ballot] = field(default_factory=dict)
 
 
 #: Memory one chosen-cache entry costs beyond its key, id and value bytes (three bytes objects,
@@ -179,7 +183,7 @@ CHOSEN_ENTRY_OVERHEAD = 470
 class _Slot:
     """A key's acceptor as this node holds it: state, versions, and replies waiting for fsync."""
 
-    __slots__ = ("state", "version", "durable", "waiting", "held")
+    __slots__ = ("state", "version", "durable", "waiting", "held", "votes")
 
     def __init__(self, state: AcceptorState, version: int) -> None:
         self.state = state
@@ -188,6 +192,8 @@ class _Slot:
         self.waiting: list[tuple[int, NodeId, int, Reply]] = []
         #: Sends of a fast write, held until this node's own accept (that version) is durable.
         self.held: list[tuple[int, int, list[Send]]] = []
+        #: Votes for a forwarding node (see Voted), held like replies until that version is durable.
+        self.votes: list[tuple[int, NodeId, Voted]] = []
 
 
 _NO_REMOTE: tuple[NodeId | None, int] = (None, 0)
@@ -270,6 +276,7 @@ class NodeCore:
             "writes_forwarded": 0,
             "forwards_received": 0,
             "forwards_fell_back": 0,
+            "forwards_settled_by_votes": 0,
             "reads_shared": 0,
             "writes_queued": 0,
         }
@@ -363,21 +370,58 @@ class NodeCore:
         ]
 
     def _forward_reply(self, op_id: int, reply: Reply) -> list[NodeEffect]:
-        fwd = self._forwards[op_id]
         if isinstance(reply, Written):
             if reply.kind == "CHOSEN" and reply.proposal is not None:
-                del self._forwards[op_id]
-                self._op_reqs.pop(op_id, None)
-                outcome = Chosen(reply.proposal)
-                self._learn(fwd.key, reply.proposal)
-                self._count_outcome(outcome)
-                return [OpDone(op_id, outcome), *self._write_done(fwd.key, op_id)]
+                return self._forward_chosen(op_id, reply.proposal)
             # The owner could not reach a majority; this node may. A NOQUORUM from the owner
             # speaks for one copy of the forward only: a duplicate delivered later, to an owner
             # that restarted since (and so forgot it had seen the forward), would write it. So
             # this node's attempt never answers NOQUORUM either.
         # Unreachable (the link failed, maybe after the owner received it) or Refused.
         return self._fall_back(op_id, maybe_sent=True)
+
+    def _forward_chosen(self, op_id: int, proposal: Proposal) -> list[NodeEffect]:
+        """A forwarded write ended with ``proposal`` chosen (said by the owner, or by votes)."""
+        fwd = self._forwards.pop(op_id)
+        for req_id in self._op_reqs.pop(op_id, ()):
+            self._outstanding.pop(req_id, None)  # the owner's answer, if it still comes, is moot
+        outcome = Chosen(proposal)
+        self._learn(fwd.key, proposal)
+        self._count_outcome(outcome)
+        return [OpDone(op_id, outcome), *self._write_done(fwd.key, op_id)]
+
+    def _on_voted(self, sender: NodeId, msg: Voted) -> list[NodeEffect]:
+        """A node vouches that it durably holds ``msg.pid`` at round-0 ballot ``msg.ballot``.
+
+        Only a write this node forwarded and still waits for counts votes, and only votes for
+        its own proposal id from nodes other than the key's owner. When a majority of nodes
+        vouch for one round-0 ballot, the write is chosen: in a cluster of three these are the
+        only two nodes that ever hold round-0 proposals of the key, and both holding this one
+        is exactly what the owner itself waits for before it calls the write chosen
+        (docs/design.md, "Votes to the forwarding node").
+        """
+        queue = self._write_queues.get(msg.key)
+        if queue is None:
+            return []
+        op_id = queue.running
+        fwd = self._forwards.get(op_id)
+        if (
+            fwd is None
+            or fwd.proposal.pid != msg.pid
+            or msg.ballot.round != FAST_ROUND
+            or sender == owner_of(msg.key, self.nodes)
+        ):
+            return []
+        fwd.votes[sender] = msg.ballot
+        if sum(1 for b in fwd.votes.values() if b == msg.ballot) <= len(self.nodes) // 2:
+            return []
+        self.stats["forwards_settled_by_votes"] += 1
+        return self._forward_chosen(op_id, fwd.proposal)
+
+    def _vote(self, to: NodeId, vote: Voted) -> list[NodeEffect]:
+        if to == self.me:
+            return self._on_voted(self.me, vote)
+        return [PeerSend(to, 0, vote)]
 
     def _fall_back(self, op_id: int, maybe_sent: bool) -> list[NodeEffect]:
         """The owner did not write it: write the same proposal through full Paxos from here.
@@ -476,7 +520,18 @@ class NodeCore:
         p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
         self.stats["fast_writes"] += 1
         self._fast_ops[op_id] = key
-        return self._run(op_id, p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors))
+        effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors)
+        remote = self._remote_ops.get(op_id)
+        if remote is not None and remote[0] in acceptors:
+            # A write another node forwarded: both acceptors also tell that node once they hold
+            # the proposal durably, so it can answer its client without waiting for this node.
+            effects = [
+                replace(e, msg=replace(e.msg, notify=int(remote[0])))
+                if isinstance(e, Send) and isinstance(e.msg, Accept)
+                else e
+                for e in effects
+            ]
+        return self._run(op_id, effects)
 
     def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
         self.stats["reads_started"] += 1
@@ -708,6 +763,8 @@ class NodeCore:
             self.stats["learn_received"] += 1
             self._learn(msg.key, msg.proposal)
             return []
+        if isinstance(msg, Voted):
+            return self._on_voted(sender, msg)
         if isinstance(msg, Propose):
             # A write forwarded by another node: run it as this node's own, answer when done.
             if (sender, req_id) in self._proposes_seen:
@@ -753,10 +810,19 @@ class NodeCore:
             slot.version = self._version
             self.stats["persist_requested"] += 1
             effects.append(Persist(msg.key, slot.state, slot.version))
+        vote: tuple[NodeId, Voted] | None = None
+        if isinstance(msg, Accept) and msg.notify and isinstance(reply, Accepted) and msg.ballot.round == FAST_ROUND:
+            proposal = slot.state.proposal
+            assert proposal is not None and slot.state.accepted == msg.ballot  # what Accepted means
+            vote = (NodeId(msg.notify), Voted(msg.key, msg.ballot, proposal.pid))
         if slot.durable >= slot.version:
             effects += self._respond(sender, req_id, reply)
+            if vote is not None:
+                effects += self._vote(*vote)
         else:
             slot.waiting.append((slot.version, sender, req_id, reply))
+            if vote is not None:
+                slot.votes.append((slot.version, *vote))
         return effects
 
     def on_persisted(self, key: bytes, version: int, error: BaseException | None) -> list[NodeEffect]:
@@ -769,6 +835,7 @@ class NodeCore:
             # in-memory state, and reload it from disk on the next request.
             reason = f"could not make state durable: {error}"
             waiting, slot.waiting = slot.waiting, []
+            slot.votes = []  # a vote vouches for a durable state only
             del self._slots[key]
             effects.append(Alarm(key, reason))
             for _, to, req_id, _ in waiting:
@@ -790,6 +857,11 @@ class NodeCore:
             slot.waiting = [w for w in slot.waiting if w[0] > slot.durable]
             for _, to, req_id, reply in ready:
                 effects += self._respond(to, req_id, reply)
+        if slot.votes:
+            votes = [v for v in slot.votes if v[0] <= slot.durable]
+            slot.votes = [v for v in slot.votes if v[0] > slot.durable]
+            for _, to, vote in votes:
+                effects += self._vote(to, vote)
         self._evict()
         return effects
 

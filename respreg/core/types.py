@@ -84,6 +84,9 @@ class Accept:
     key: bytes
     ballot: Ballot
     proposal: Proposal
+    #: The node to send a :class:`Voted` once this acceptance is durable, or 0 for none: the
+    #: node that forwarded a round-0 write to the key's owner.
+    notify: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,18 @@ class Propose:
     deadline_ms: int
 
 
-Request = Prepare | Accept | Read | Learn | Propose
+@dataclass(frozen=True, slots=True)
+class Voted:
+    """Tell the node that forwarded a round-0 write that this acceptor holds proposal ``pid``
+    at ``ballot``, durably (no reply). A forwarding node that both other nodes of a cluster of
+    three vouch for (itself included) knows the write is chosen before the owner answers."""
+
+    key: bytes
+    ballot: Ballot
+    pid: bytes
+
+
+Request = Prepare | Accept | Read | Learn | Propose | Voted
 
 
 # ---- replies from acceptors -----------------------------------------------------------------

@@ -65,6 +65,7 @@ from respreg.core.types import (
     Request,
     State,
     Unreachable,
+    Voted,
 )
 
 #: Why an amnesiac node's acceptor refuses (what ``set_voting`` gets).
@@ -703,7 +704,7 @@ class World:
         if isinstance(e.msg, Accept) and e.msg.ballot.round == FAST_ROUND:
             self.stats["fast_accepts"] += 1
         if e.req_id == 0:
-            assert isinstance(e.msg, Learn)
+            assert isinstance(e.msg, (Learn, Voted))
             w = 0
         else:
             w = self._next_wire
