@@ -109,7 +109,9 @@ class NodeServer:
             "protocol_errors": 0,
         }
         self._ops: dict[int, asyncio.Future[Outcome]] = {}
-        #: Timers by the millisecond they are due in (see _apply and _timers_due).
+        #: Timers by the millisecond they are due in (see _apply and _timers_due). An entry stays
+        #: until it is due even if its operation ended: at most the longest delay (an operation's
+        #: deadline) times the rate of operations, a few tuples per operation.
         self._timers: dict[int, list[tuple[int, int]]] = {}
         self._timer_handles: dict[int, asyncio.TimerHandle] = {}
         self._next_op = 1
