@@ -117,8 +117,9 @@ class RequestParser:
         ready = self._ready
         if ready:
             return ready.popleft()
-        if self.split and not self._want and not self._need and self._pos < len(self._buf):
-            self._split()
+        pos = self._pos
+        if self.split and not self._want and not self._need and pos < len(self._buf) and self._buf[pos] == 42:
+            self._split()  # a multibulk command ('*') starts here
             if ready:
                 return ready.popleft()
         while True:
@@ -186,12 +187,12 @@ class RequestParser:
 
         It takes a command only when its count line and every bulk length line are one of the
         canonical forms above, within ``max_args`` and ``max_bulk``, and every payload is
-        followed by CRLF, and such a command is read
-        the same way by the full parser: a line that equals ``$n`` was followed by CRLF, so it
-        ended at the first CR, as the full parser reads it; a part after it of exactly ``n``
-        bytes is followed by CRLF and contains none, so it is the payload the full parser
-        reads (n bytes on). A payload that contains CRLF, or is not followed by it, splits
-        into parts of other lengths, and the fast path stops there.
+        followed by CRLF. The full parser reads such a command the same way: a line that equals
+        ``$n`` was followed by CRLF, so it ended at the first CR, where the full parser ends it;
+        a part after it of exactly ``n`` bytes is followed by CRLF and contains none, so it is
+        the payload the full parser reads (n bytes on). A payload that contains CRLF, or is not
+        followed by it, splits into parts of other lengths, and the fast path stops there. A
+        failed attempt costs one copy and split of at most _SPLIT_WINDOW bytes.
         """
         pos = self._pos
         window = self._buf[pos : pos + _SPLIT_WINDOW]
