@@ -183,17 +183,17 @@ CHOSEN_ENTRY_OVERHEAD = 470
 class _Slot:
     """A key's acceptor as this node holds it: state, versions, and replies waiting for fsync."""
 
-    __slots__ = ("state", "version", "durable", "waiting", "held", "votes")
+    __slots__ = ("state", "version", "durable", "waiting", "held")
 
     def __init__(self, state: AcceptorState, version: int) -> None:
         self.state = state
         self.version = version
         self.durable = version
-        self.waiting: list[tuple[int, NodeId, int, Reply]] = []
+        #: Replies waiting for a version to be durable: (version, to, req_id, reply, and the vote
+        #: to send a forwarding node with it, if any; see Voted).
+        self.waiting: list[tuple[int, NodeId, int, Reply, tuple[NodeId, Voted] | None]] = []
         #: Sends of a fast write, held until this node's own accept (that version) is durable.
         self.held: list[tuple[int, int, list[Send]]] = []
-        #: Votes for a forwarding node (see Voted), held like replies until that version is durable.
-        self.votes: list[tuple[int, NodeId, Voted]] = []
 
 
 _NO_REMOTE: tuple[NodeId | None, int] = (None, 0)
@@ -816,13 +816,16 @@ class NodeCore:
             assert proposal is not None and slot.state.accepted == msg.ballot  # what Accepted means
             vote = (NodeId(msg.notify), Voted(msg.key, msg.ballot, proposal.pid))
         if slot.durable >= slot.version:
-            effects += self._respond(sender, req_id, reply)
-            if vote is not None:
-                effects += self._vote(*vote)
+            effects += self._release(sender, req_id, reply, vote)
         else:
-            slot.waiting.append((slot.version, sender, req_id, reply))
-            if vote is not None:
-                slot.votes.append((slot.version, *vote))
+            slot.waiting.append((slot.version, sender, req_id, reply, vote))
+        return effects
+
+    def _release(self, to: NodeId, req_id: int, reply: Reply, vote: tuple[NodeId, Voted] | None) -> list[NodeEffect]:
+        """Send a reply whose state is durable, and the vote that goes with it."""
+        effects = self._respond(to, req_id, reply)
+        if vote is not None:
+            effects += self._vote(*vote)
         return effects
 
     def on_persisted(self, key: bytes, version: int, error: BaseException | None) -> list[NodeEffect]:
@@ -834,11 +837,10 @@ class NodeCore:
             # What reached the disk is unknown: refuse everything that waited, forget the
             # in-memory state, and reload it from disk on the next request.
             reason = f"could not make state durable: {error}"
-            waiting, slot.waiting = slot.waiting, []
-            slot.votes = []  # a vote vouches for a durable state only
+            waiting, slot.waiting = slot.waiting, []  # their votes are dropped: none is durable
             del self._slots[key]
             effects.append(Alarm(key, reason))
-            for _, to, req_id, _ in waiting:
+            for _, to, req_id, _, _ in waiting:
                 self.stats["refused_sent"] += 1
                 effects += self._respond(to, req_id, Refused(reason))
             return effects
@@ -855,13 +857,8 @@ class NodeCore:
         ready = [w for w in slot.waiting if w[0] <= slot.durable]
         if ready:
             slot.waiting = [w for w in slot.waiting if w[0] > slot.durable]
-            for _, to, req_id, reply in ready:
-                effects += self._respond(to, req_id, reply)
-        if slot.votes:
-            votes = [v for v in slot.votes if v[0] <= slot.durable]
-            slot.votes = [v for v in slot.votes if v[0] > slot.durable]
-            for _, to, vote in votes:
-                effects += self._vote(to, vote)
+            for _, to, req_id, reply, vote in ready:
+                effects += self._release(to, req_id, reply, vote)
         self._evict()
         return effects
 
