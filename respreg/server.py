@@ -111,9 +111,9 @@ class NodeServer:
         self._ops: dict[int, asyncio.Future[Outcome]] = {}
         #: Timers by the millisecond they are due in (see _apply and _timers_due). An entry stays
         #: until it is due even if its operation ended: at most the longest delay (an operation's
-        #: deadline) times the rate of operations, a few tuples per operation.
-        self._timers: dict[int, list[tuple[int, int]]] = {}
-        self._timer_handles: dict[int, asyncio.TimerHandle] = {}
+        #: deadline) times the rate of operations, a few tuples per operation. Each slot has one
+        #: event-loop timer and its (op_id, token) entries.
+        self._timers: dict[int, tuple[asyncio.TimerHandle, list[tuple[int, int]]]] = {}
         self._next_op = 1
         self._routes: dict[int, tuple[PeerServerProtocol, int]] = {}
         self._next_route = 1
@@ -287,7 +287,7 @@ class NodeServer:
             c.abort()
         for link in self.links.values():
             await link.stop()
-        for handle in self._timer_handles.values():
+        for handle, _ in self._timers.values():
             handle.cancel()
         if self.committer is not None:
             await self.committer.close()
@@ -590,9 +590,9 @@ class NodeServer:
         (forwarded writes it runs for another node), which end without an OpDone, so their
         timers are always delivered."""
         assert self.core is not None
-        del self._timer_handles[slot]
+        _, due = self._timers.pop(slot)
         ops = self._ops
-        for op_id, token in self._timers.pop(slot, ()):
+        for op_id, token in due:
             if op_id < 0 or op_id in ops:
                 self._apply(self.core.on_timer(op_id, token))
 
@@ -616,11 +616,11 @@ class NodeServer:
                 # Timers due in the same millisecond share one event-loop timer; a timer of an
                 # operation that has ended is dropped when it comes due (see _timers_due).
                 slot = math.ceil((loop.time() + e.delay_ms / 1000) * _TIMER_SLOTS_PER_S)
-                due = self._timers.get(slot)
-                if due is None:
-                    self._timers[slot] = due = []
-                    self._timer_handles[slot] = loop.call_at(slot / _TIMER_SLOTS_PER_S, self._timers_due, slot)
-                due.append((e.op_id, e.token))
+                timer = self._timers.get(slot)
+                if timer is None:
+                    handle = loop.call_at(slot / _TIMER_SLOTS_PER_S, self._timers_due, slot)
+                    self._timers[slot] = timer = (handle, [])
+                timer[1].append((e.op_id, e.token))
             elif isinstance(e, OpDone):
                 fut = self._ops.pop(e.op_id, None)
                 self._write_ops.discard(e.op_id)
