@@ -95,11 +95,8 @@ def encode_request(req_id: int, msg: Request) -> bytes:
     if isinstance(msg, Prepare):
         return _cmd(b"PX", rid, b"P", msg.key, *_b(msg.ballot))
     if isinstance(msg, Accept):
-        if msg.notify:
-            return _cmd(
-                b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value, b"%d" % msg.notify
-            )
-        return _cmd(b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value)
+        notify = (b"%d" % msg.notify,) if msg.notify else ()
+        return _cmd(b"PX", rid, b"A", msg.key, *_b(msg.ballot), msg.proposal.pid, msg.proposal.value, *notify)
     if isinstance(msg, Read):
         return _cmd(b"PX", rid, b"R", msg.key)
     if isinstance(msg, Propose):
@@ -136,12 +133,10 @@ def decode_request(args: list[bytes]) -> tuple[int, Request]:
         raise ValueError("bad request id")
     if kind == b"P" and len(args) == 6:
         return req_id, Prepare(key, _ballot(args[3:6]))
-    if kind == b"A" and len(args) == 8:
-        return req_id, Accept(key, _ballot(args[3:6]), Proposal(args[6], args[7]))
-    if kind == b"A" and len(args) == 9:
-        notify = _i64(args[8])
-        if notify <= 0:
-            raise ValueError("bad node to notify")
+    if kind == b"A" and len(args) in (8, 9):
+        notify = _i64(args[8]) if len(args) == 9 else 0
+        if len(args) == 9 and notify <= 0:
+            raise ValueError("bad node to notify")  # the encoder leaves out a 0
         return req_id, Accept(key, _ballot(args[3:6]), Proposal(args[6], args[7]), notify)
     if kind == b"V" and len(args) == 7:
         return req_id, Voted(key, _ballot(args[3:6]), args[6])

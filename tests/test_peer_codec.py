@@ -82,3 +82,18 @@ def test_reply_round_trip(reply: Reply) -> None:
 def test_malformed_forward_is_rejected(args: list[bytes]) -> None:
     with pytest.raises(ValueError):
         decode_request(args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"9", b"A", b"k", b"0", b"1", b"0", b"pid", b"v", b"0"],  # a node to notify is never 0
+        [b"9", b"A", b"k", b"0", b"1", b"0", b"pid", b"v", b"-3"],
+        [b"9", b"A", b"k", b"0", b"1", b"0", b"pid", b"v", b"3", b"x"],  # one field too many
+        [b"9", b"V", b"k", b"0", b"2", b"0", b"pid"],  # a vote has request id 0
+        [b"0", b"V", b"k", b"0", b"2", b"0"],  # no proposal id
+    ],
+)
+def test_malformed_accept_or_vote_is_rejected(args: list[bytes]) -> None:
+    with pytest.raises(ValueError):
+        decode_request(args)
