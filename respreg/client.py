@@ -54,6 +54,9 @@ class ClientProtocol(asyncio.Protocol):
     def __init__(self, server: NodeServer) -> None:
         self.srv = server
         cfg = server.config
+        assert server.core is not None, "clients are served only once the node has started"
+        #: The GET hot path's lookup, bound once (see _dispatch).
+        self._chosen_value = server.core.chosen_value
         self.parser = RequestParser(max_bulk=cfg.proto_max_bulk_len)
         self.max_inflight = cfg.max_inflight_per_client
         self.transport: asyncio.Transport | None = None
@@ -193,7 +196,8 @@ class ClientProtocol(asyncio.Protocol):
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     self.srv.flush_soon(self)
-        self._update_reading()
+        if self.read_paused or self.write_paused or self.inflight >= self.max_inflight:
+            self._update_reading()
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
 
@@ -227,7 +231,8 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         self._update_reading()
-        if not self.read_paused:
+        # Parse on if commands wait (held back by the in-flight limit or a paused write).
+        if not self.read_paused and not self.parser.idle():
             self._process()
 
     # ---- dispatch ----------------------------------------------------------------------------
@@ -238,7 +243,7 @@ class ClientProtocol(asyncio.Protocol):
             # unless an earlier write of this connection on the key still runs.
             key = args[1]
             if key not in self.key_write:
-                known = self.srv.chosen_value(key)
+                known = self._chosen_value(key)
                 if known is not None:
                     self.last_cmd = "get"
                     return b"$%d\r\n%s\r\n" % (len(known), known)

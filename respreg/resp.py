@@ -88,6 +88,10 @@ class RequestParser:
         """Bytes received but not yet consumed."""
         return len(self._buf) - self._pos + self._chunked
 
+    def idle(self) -> bool:
+        """Whether nothing is buffered: no command parsed ahead and no byte left to parse."""
+        return not self._ready and self._pos >= len(self._buf) and not self._chunked
+
     def feed(self, data: bytes) -> None:
         if self._need and self.buffered() + len(data) < self._need:
             # A large bulk is still arriving: keep the pieces and join them once, when complete.

@@ -796,6 +796,28 @@ def test_pipeline_of_10000_commands_in_one_send(shared: Cluster) -> None:
     assert other.get("pipe:w:9016") == b"v9016"
 
 
+def test_pipeline_beyond_the_in_flight_limit_is_answered_in_order(shared: Cluster) -> None:
+    """More quorum reads in one send than a connection may have running (1024): reading pauses
+    at the limit and resumes, and parsing goes on, as replies complete; every reply comes back
+    in request order."""
+    requests: list[bytes] = []
+    replies: list[bytes] = []
+    for i in range(2_100):  # about 55 KiB: all of it is read before the first read completes
+        if i % 3 == 0:
+            requests.append(multibulk(b"ECHO", b"e%d" % i))
+            replies.append(bulk(b"e%d" % i))
+        else:
+            requests.append(multibulk(b"GET", b"im:%d" % i))  # each a quorum read
+            replies.append(b"$-1\r\n")
+    expected = b"".join(replies)
+    with socket.create_connection((HOST, shared.node(1).port), timeout=IO_LIMIT_S) as s:
+        sender = _send_in_background(s, b"".join(requests))
+        got = recv_exactly(s, len(expected), limit_s=60)
+        sender.join(IO_LIMIT_S)
+        assert not sender.is_alive()
+    assert got == expected
+
+
 def test_one_command_sent_byte_by_byte(shared: Cluster) -> None:
     data = multibulk(b"SETONCE", b"bytewise", b"a\r\nb") + b'GET "bytewise"\r\n' + b"PING\r\n"
     expected = b"+OK\r\n$4\r\na\r\nb\r\n+PONG\r\n"
