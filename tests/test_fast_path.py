@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from respreg.core import acceptor
 from respreg.core.node import NodeConfig, NodeCore
-from respreg.core.proposer import DEADLINE_TOKEN, Chosen, Empty, Failed, Failure
+from respreg.core.proposer import DEADLINE_TOKEN, EXTEND_TOKEN, Chosen, Empty, Failed, Failure
 from respreg.core.types import (
     EMPTY_STATE,
     FAST_ROUND,
@@ -173,19 +173,27 @@ def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round(
     assert all(s.cores[n].chosen(key) == o1.proposal for n in IDS)
 
 
-def test_owner_reading_its_key_waits_for_both_holders_instead_of_running_paxos() -> None:
-    """The owner holds nothing for a key written at round 0: its own "nothing" and one holder's
-    answer disagree, and the other holder's answer settles the read. Starting Paxos there would
-    cost a durable promise on every node for a plain read."""
+def _written_at_round_zero(owner: int) -> tuple[Scripted, bytes, Proposal]:
+    """A key owned by ``owner`` written at round 0, and a fresh cluster on the same disks (new
+    processes: nothing learned in memory)."""
     s = Scripted(config=FAST)
-    key = key_owned_by(1)
-    s.write(1, 1, key, b"p1", b"v")
+    key = key_owned_by(owner)
+    s.write(owner, 1, key, b"p1", b"v")
     s.settle([1, 2, 3], learn=False)
     written = s.outcomes[1]
     assert isinstance(written, Chosen)
-    fresh = Scripted(config=FAST)  # new processes, same disks: nothing learned in memory
+    fresh = Scripted(config=FAST)
     fresh.disk = s.disk
-    fresh.read(1, 2, key)  # node 1's own answer, "nothing", is there at once
+    return fresh, key, written.proposal
+
+
+def test_owner_reading_its_key_asks_the_two_holders_instead_of_running_paxos() -> None:
+    """The owner holds nothing for a key written at round 0, so its read asks the two other
+    nodes, which hold the write: both answers settle it. Neither answer alone does, and
+    starting Paxos there would cost a durable promise on every node for a plain read."""
+    fresh, key, proposal = _written_at_round_zero(1)
+    fresh.read(1, 2, key)
+    assert sorted(r.dst for r in fresh.requests) == [2, 3]  # not its own acceptor
     fresh.deliver(src=1, dst=2)
     fresh.deliver(src=2, dst=1)
     assert 2 not in fresh.outcomes
@@ -193,9 +201,70 @@ def test_owner_reading_its_key_waits_for_both_holders_instead_of_running_paxos()
     fresh.deliver(src=1, dst=3)
     fresh.deliver(src=3, dst=1)
     outcome = fresh.outcomes[2]
-    assert isinstance(outcome, Chosen) and outcome.proposal == written.proposal
+    assert isinstance(outcome, Chosen) and outcome.proposal == proposal
     assert all(fresh.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert fresh.cores[NodeId(1)].stats["read_received"] == 0
     assert fresh.persists == []
+
+
+def test_a_read_in_a_cluster_of_three_asks_the_two_nodes_other_than_the_owner() -> None:
+    """A non-owner's read asks its own acceptor and the other non-owner, the two nodes that hold
+    a round-0 write: their answers settle it, and the owner is not asked at all."""
+    fresh, key, proposal = _written_at_round_zero(2)
+    fresh.read(1, 2, key)
+    assert [r.dst for r in fresh.requests] == [3]  # its own acceptor answered at once
+    fresh.settle([1, 2, 3], learn=False)
+    outcome = fresh.outcomes[2]
+    assert isinstance(outcome, Chosen) and outcome.proposal == proposal
+    assert [fresh.cores[n].stats["read_received"] for n in IDS] == [1, 0, 1]
+    # A missing key: both answers say nothing, which settles it as nil the same way.
+    fresh.read(1, 3, key_owned_by(2, prefix=b"missing"))
+    fresh.settle([1, 2, 3])
+    assert isinstance(fresh.outcomes[3], Empty)
+    assert fresh.cores[NodeId(2)].stats["read_received"] == 0
+
+
+def test_a_read_asks_the_owner_when_the_other_non_owner_is_unreachable() -> None:
+    fresh, key, proposal = _written_at_round_zero(2)
+    fresh.read(1, 2, key)
+    (to3,) = fresh.requests
+    fresh.requests.remove(to3)
+    fresh.apply(NodeId(1), fresh.cores[NodeId(1)].on_peer_reply(to3.req_id, Unreachable()))
+    assert [r.dst for r in fresh.requests] == [2]
+    fresh.settle([1, 2])  # node 1 holds the write, the owner nothing: Paxos completes it
+    outcome = fresh.outcomes[2]
+    assert isinstance(outcome, Chosen) and outcome.proposal == proposal
+
+
+def test_a_read_asks_the_owner_when_the_other_answer_is_late() -> None:
+    fresh, key, proposal = _written_at_round_zero(2)
+    fresh.read(1, 2, key)
+    fresh.fire(1, 2, EXTEND_TOKEN)  # node 3 has not answered within straggler_ms
+    assert sorted(r.dst for r in fresh.requests) == [2, 3]
+    fresh.deliver(src=1, dst=3)
+    fresh.deliver(src=3, dst=1)
+    outcome = fresh.outcomes[2]
+    assert isinstance(outcome, Chosen) and outcome.proposal == proposal
+
+
+def test_a_read_asks_the_owner_when_the_two_non_owners_disagree() -> None:
+    """A key written through full Paxos by nodes 1 and 2 (its owner) while node 3 missed it: the
+    non-owners' answers disagree, and the owner's answer makes the majority."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    proposal = Proposal(b"p9", b"v")
+    ballot = Ballot(1, 2, 0)
+    for n in (NodeId(1), NodeId(2)):
+        s.disk[n][key] = AcceptorState(ballot, ballot, proposal)
+    s.read(3, 1, key)
+    assert [r.dst for r in s.requests] == [1]
+    s.deliver(src=3, dst=1)
+    s.deliver(src=1, dst=3)
+    assert [r.dst for r in s.requests] == [2]
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[1]
+    assert isinstance(outcome, Chosen) and outcome.proposal == proposal
+    assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
 
 
 def test_owner_of_five_accepts_locally_first_then_sends_accept_at_round_zero_without_prepare() -> None:

@@ -636,19 +636,49 @@ class NodeCore:
         deadline_ms: float | None,
         trust_learned: bool = True,
     ) -> list[NodeEffect]:
-        p = self._new_proposer(op_id, key, proposal, deadline_ms, trust_learned)
+        read_first = self._read_first(key) if proposal is None and trust_learned else None
+        p = self._new_proposer(op_id, key, proposal, deadline_ms, trust_learned, read_first)
         return self._run(op_id, p.start())
 
+    def _read_first(self, key: bytes) -> tuple[NodeId, ...] | None:
+        """The majority a read asks first, or None to ask every acceptor at once.
+
+        In a cluster of three that writes at round 0, the two nodes other than the key's owner:
+        they are the ones that hold a round-0 write (the owner's acceptor stays out of round 0),
+        so for most keys their two answers settle the read, and the owner's file read and
+        messages are saved. Which majority answers does not matter for safety (docs/design.md,
+        "Read path"); when the two disagree or one fails, the read asks the owner too.
+        """
+        if len(self.nodes) != 3 or not self.forward_writes:
+            return None
+        owner = owner_of(key, self.nodes)
+        return tuple(n for n in self.nodes if n != owner)
+
     def _new_proposer(
-        self, op_id: int, key: bytes, proposal: Proposal | None, deadline_ms: float | None, trust_learned: bool
+        self,
+        op_id: int,
+        key: bytes,
+        proposal: Proposal | None,
+        deadline_ms: float | None,
+        trust_learned: bool,
+        read_first: tuple[NodeId, ...] | None = None,
     ) -> Proposer:
         if op_id in self._ops:
             raise ValueError(f"operation {op_id} already running")
         config = self.config.proposer
-        if deadline_ms is not None:
+        if deadline_ms is not None and deadline_ms != config.deadline_ms:
             config = replace(config, deadline_ms=deadline_ms)
         p = Proposer(
-            key, self.me, self.nodes, self.incarnation, proposal, self._alloc_round, self._random, config, trust_learned
+            key,
+            self.me,
+            self.nodes,
+            self.incarnation,
+            proposal,
+            self._alloc_round,
+            self._random,
+            config,
+            trust_learned,
+            read_first,
         )
         self._ops[op_id] = p
         self._op_reqs[op_id] = []

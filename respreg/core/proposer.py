@@ -11,7 +11,9 @@ accepted at the highest ballot among them, or our own if none; with a majority o
 proposal is chosen. A lost race (nack) retries with a higher ballot after a random backoff until
 the deadline.
 
-Read (GET): first ask every acceptor what it accepted (no state change, no fsync). A majority
+Read (GET): first ask the acceptors what they accepted (no state change, no fsync): every one,
+or a given majority first and the others only when that majority's answers do not settle the
+read (see ``read_first``). A majority
 with nothing accepted means nothing was chosen before the read began: answer nil. A majority that
 accepted one ballot, or any node that already learned the chosen proposal, gives the value.
 Anything in between is completed through full Paxos (prepare, then accept the highest proposal)
@@ -113,6 +115,8 @@ class ProposerConfig:
 
 DEADLINE_TOKEN = -1
 STRAGGLER_TOKEN = -2
+#: A read that asked only some acceptors (see ``read_first``) asks the others as well.
+EXTEND_TOKEN = -4
 
 
 class _Phase(enum.Enum):
@@ -143,6 +147,7 @@ class Proposer:
         random: Callable[[], float],
         config: ProposerConfig,
         trust_learned: bool = True,
+        read_first: Sequence[NodeId] | None = None,
     ) -> None:
         self.key = key
         self.me = me
@@ -172,6 +177,11 @@ class Proposer:
         self._only: tuple[NodeId, ...] | None = None
         #: The read phase (its seq) that waits for a missing answer (see _progress_read).
         self._straggler = -1
+        #: A majority to ask first in a read phase; the others are asked only when these
+        #: answers do not settle the read, or do not all come within ``straggler_ms``.
+        self._read_first = tuple(read_first) if read_first is not None else None
+        #: The acceptors the current read phase has asked.
+        self._asked: tuple[NodeId, ...] = self.nodes
 
     @property
     def is_write(self) -> bool:
@@ -213,6 +223,10 @@ class Proposer:
             if self.phase is _Phase.READ and self._straggler == self.seq:
                 return self._begin_prepare()
             return []
+        if token == EXTEND_TOKEN:
+            if self.phase is _Phase.READ and len(self._asked) < len(self.nodes):
+                return self._extend_read()
+            return []
         if token != self.seq:
             return []  # a timer of an earlier phase
         if self.phase is _Phase.BACKOFF:
@@ -251,8 +265,9 @@ class Proposer:
         self._nacked = set()
         self._down = set()
 
-    def _broadcast(self, msg: Request) -> list[Effect]:
-        to = self.nodes if self._only is None else self._only
+    def _broadcast(self, msg: Request, to: Sequence[NodeId] | None = None) -> list[Effect]:
+        if to is None:
+            to = self.nodes if self._only is None else self._only
         effects: list[Effect] = [Send(n, msg, self.seq) for n in to]
         # The phase timeout doubles with every attempt: a timeout usually means the acceptors are
         # slow (a long fsync queue), and retrying fast with new ballots would only add disk work.
@@ -262,7 +277,22 @@ class Proposer:
 
     def _begin_read(self) -> list[Effect]:
         self._new_phase(_Phase.READ)
-        return self._broadcast(Read(self.key))
+        first = self._read_first
+        if first is None or len(first) >= len(self.nodes):
+            self._asked = self.nodes
+            return self._broadcast(Read(self.key))
+        # Any majority's answers settle a read by the same rules, so a majority is asked first
+        # and the rest only when needed: the others' file reads and messages are saved.
+        self._asked = first
+        effects = self._broadcast(Read(self.key), first)
+        effects.append(SetTimer(self.config.straggler_ms, EXTEND_TOKEN))
+        return effects
+
+    def _extend_read(self) -> list[Effect]:
+        """Ask the acceptors this read phase has not asked yet (same phase: every answer counts)."""
+        rest = [n for n in self.nodes if n not in self._asked]
+        self._asked = self.nodes
+        return [Send(n, Read(self.key), self.seq) for n in rest]
 
     def _begin_prepare(self) -> list[Effect]:
         self._only = None
@@ -349,6 +379,12 @@ class Proposer:
                     return self._finish(s.proposal, learned=False)
         if len(self._down) > n - self.majority:
             return self._fail(f"{len(self._down)} of {n} nodes unreachable")
+        if len(self._asked) < n:
+            # Only some acceptors were asked: once all of them answered (or failed) without
+            # settling the read, ask the others too.
+            if all(a in self._ok or a in self._down for a in self._asked):
+                return self._extend_read()
+            return []
         if len(states) >= self.majority:
             # Wait while the answers still missing could make a majority for one proposal, or
             # for nothing: in a cluster of three the owner of a key holds no round-0 proposal,
