@@ -12,6 +12,7 @@ WORKLOAD_ORDER = [
     "setonce-c1",
     "setonce-c16",
     "setonce-c64",
+    "setonce-c1000",
     "contended",
     "etcd-check-perf-s",
     "etcd-check-perf-xl",
@@ -100,7 +101,11 @@ def render(results: dict[str, Any]) -> str:
         "- Contended: `benchmarks/contended.py`, 100 clients spread over the 3 nodes race on 10 fresh keys per "
         "round (10 clients per key), all released at once; after each round every key is read on every node."
     )
-    add("- The ratio column is respreg's throughput divided by the anchor's on the same workload.\n")
+    add(
+        "- The ratio column is respreg's throughput divided by the anchor's on the same workload; SETONCE "
+        "at 1000 clients, the concurrency of `etcdctl check perf --load=xl`, is also divided by etcd's "
+        "throughput in that check (plain puts, no put-if-absent).\n"
+    )
 
     add("## Contended SETONCE\n")
     c = details.get("contended")

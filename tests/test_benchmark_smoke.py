@@ -27,6 +27,7 @@ EXPECTED = {
     "setonce-c1": {"respreg", "redis-durable", "etcd"},
     "setonce-c16": {"respreg", "redis-durable", "etcd"},
     "setonce-c64": {"respreg", "redis-durable", "etcd"},
+    "setonce-c1000": {"respreg"},
     "contended": {"respreg"},
     "etcd-check-perf-s": {"etcd"},
     "etcd-check-perf-xl": {"etcd"},
