@@ -55,7 +55,7 @@ class ClientProtocol(asyncio.Protocol):
         self.srv = server
         cfg = server.config
         assert server.core is not None, "clients are served only once the node has started"
-        #: The GET hot path's lookup, bound once (see _dispatch).
+        #: The GET hot path's lookup, bound once (see _process).
         self._chosen_value = server.core.chosen_value
         self.parser = RequestParser(max_bulk=cfg.proto_max_bulk_len)
         self.max_inflight = cfg.max_inflight_per_client
@@ -146,6 +146,9 @@ class ClientProtocol(asyncio.Protocol):
         out_size = 0
         queue = self.queue
         srv_stats = self.srv.stats
+        chosen_value = self._chosen_value
+        key_write = self.key_write
+        processed = 0
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
             try:
                 args = self.parser.next()
@@ -160,8 +163,18 @@ class ClientProtocol(asyncio.Protocol):
                 break
             if args is None:
                 break
-            srv_stats["total_commands_processed"] += 1
-            result = self._dispatch(args)
+            processed += 1
+            # The hot path, GET of a value this node knows is chosen (what cmd_get does first),
+            # unless an earlier write of this connection on the key still runs.
+            if len(args) == 2 and args[0] in _GET and args[1] not in key_write:
+                known = chosen_value(args[1])
+                if known is not None:
+                    self.last_cmd = "get"
+                    result: bytes | Deferred = b"$%d\r\n%s\r\n" % (len(known), known)
+                else:
+                    result = self._dispatch(args)
+            else:
+                result = self._dispatch(args)
             if isinstance(result, bytes):
                 if queue:
                     queue.append(_Slot(result))
@@ -187,6 +200,7 @@ class ClientProtocol(asyncio.Protocol):
             queue.append(slot)
             self.inflight += 1
             fut.add_done_callback(partial(self._complete, slot, fmt))
+        srv_stats["total_commands_processed"] += processed
         if out and self.transport is not None and not self.closed:
             if self.closing:
                 self.transport.write(b"".join(out) if len(out) > 1 else out[0])
@@ -238,15 +252,6 @@ class ClientProtocol(asyncio.Protocol):
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self, args: list[bytes]) -> bytes | Deferred:
-        if len(args) == 2 and args[0] in _GET:
-            # The hot path, GET of a value this node knows is chosen (what cmd_get does first),
-            # unless an earlier write of this connection on the key still runs.
-            key = args[1]
-            if key not in self.key_write:
-                known = self._chosen_value(key)
-                if known is not None:
-                    self.last_cmd = "get"
-                    return b"$%d\r\n%s\r\n" % (len(known), known)
         name = args[0].lower()
         handler = HANDLERS.get(name)
         if handler is None:

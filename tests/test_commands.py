@@ -160,6 +160,21 @@ def test_command_count_docs_and_info(cluster: Cluster, protocol: int) -> None:
     assert c.config_get("appendonly") == {"appendonly": "no"}
 
 
+def test_info_counts_every_command_processed(cluster: Cluster, protocol: int) -> None:
+    """GETs answered from memory by the fast path count like every other command."""
+    c = cluster.client(1, protocol=protocol)
+    before = int(c.info("stats")["total_commands_processed"])  # counts itself
+    assert c.execute_command("SETONCE", "counted", "v") in (b"OK", True)
+    pipe = c.pipeline(transaction=False)
+    for i in range(5):
+        pipe.ping()
+        pipe.get("counted")  # known chosen on node 1: the fast path
+        pipe.get(f"counted:missing:{i}")  # a quorum read
+    assert pipe.execute() == [True, b"v", None] * 5
+    after = int(c.info("stats")["total_commands_processed"])
+    assert after - before == 1 + 15 + 1
+
+
 def test_binary_keys_and_values(cluster: Cluster, protocol: int) -> None:
     c1, c3 = cluster.client(1, protocol=protocol), cluster.client(3, protocol=protocol)
     key = bytes(range(256)) + b"\r\n\x00/../"
