@@ -542,6 +542,12 @@ class NodeServer:
     def read(self, key: bytes, deadline_ms: float | None = None) -> asyncio.Future[Outcome]:
         """Start a linearizable GET."""
         assert self.core is not None
+        if deadline_ms is None:
+            shared = self.core.join_read_round(key)
+            if shared is not None:
+                fut = self._ops.get(shared)
+                if fut is not None:
+                    return fut
         op_id = self._new_op()
         fut = self._ops[op_id]
         self._apply(self.core.begin_read(op_id, key, deadline_ms))

@@ -518,6 +518,25 @@ def test_concurrent_reads_of_a_key_share_the_next_round_never_an_earlier_one() -
     assert s.cores[NodeId(3)].stats["read_received"] == 2  # the first round and the shared one
 
 
+def test_a_read_may_join_only_a_read_round_that_has_not_begun() -> None:
+    """join_read_round names the read waiting for the next round, never the round in flight:
+    that one may have begun before the joining read, and a write may have completed since."""
+    s = Scripted(config=NodeConfig())
+    core = s.cores[NodeId(1)]
+    assert core.join_read_round(b"k") is None
+    s.read(1, 1, b"k")  # leads a round, in flight
+    assert core.join_read_round(b"k") is None
+    s.read(1, 2, b"k")  # waits for the next round
+    assert core.join_read_round(b"k") == 2
+    s.deliver(src=1)
+    s.deliver(dst=1)  # the first round ends: the next one begins, led by read 2
+    assert isinstance(s.outcomes[1], Empty)
+    assert 2 not in s.outcomes
+    assert core.join_read_round(b"k") is None
+    s.settle([1, 2, 3])
+    assert isinstance(s.outcomes[2], Empty)
+
+
 def test_a_read_waiting_for_the_next_round_fails_at_its_deadline() -> None:
     s = Scripted(config=NodeConfig())
     s.read(1, 1, b"k")

@@ -818,6 +818,37 @@ def test_pipeline_beyond_the_in_flight_limit_is_answered_in_order(shared: Cluste
     assert got == expected
 
 
+def test_many_reads_of_one_missing_key_share_rounds_and_see_its_write(shared: Cluster) -> None:
+    """Thousands of GETs of one missing key, pipelined on three connections at once, share read
+    rounds (and the operation of the read waiting for the next round); each is answered nil,
+    in order, with MGETs naming the key twice among them. Once the key is written, the same
+    load answers its value."""
+    key = b"shared:rounds"
+    info = shared.client(1, protocol=2)
+    shared_before = int(info.info("paxos")["reads_shared"])
+
+    def load(expected_get: bytes, expected_mget: bytes) -> None:
+        requests = b"".join(
+            multibulk(b"MGET", key, key) if i % 100 == 0 else multibulk(b"GET", key) for i in range(2_000)
+        )
+        expected = b"".join(expected_mget if i % 100 == 0 else expected_get for i in range(2_000))
+        socks = [socket.create_connection((HOST, shared.node(1).port), timeout=IO_LIMIT_S) for _ in range(3)]
+        try:
+            senders = [_send_in_background(s, requests) for s in socks]
+            for s in socks:
+                assert recv_exactly(s, len(expected), limit_s=60) == expected
+            for t in senders:
+                t.join(IO_LIMIT_S)
+        finally:
+            for s in socks:
+                s.close()
+
+    load(b"$-1\r\n", b"*2\r\n$-1\r\n$-1\r\n")
+    assert int(info.info("paxos")["reads_shared"]) > shared_before
+    assert info.execute_command("SETONCE", key, "v") in (b"OK", True)
+    load(b"$1\r\nv\r\n", b"*2\r\n$1\r\nv\r\n$1\r\nv\r\n")
+
+
 def test_one_command_sent_byte_by_byte(shared: Cluster) -> None:
     data = multibulk(b"SETONCE", b"bytewise", b"a\r\nb") + b'GET "bytewise"\r\n' + b"PING\r\n"
     expected = b"+OK\r\n$4\r\na\r\nb\r\n+PONG\r\n"

@@ -552,6 +552,22 @@ class NodeCore:
         self._read_rounds[key] = _ReadRound(op_id, [], [], {})
         return self._begin(op_id, key, None, deadline)
 
+    def join_read_round(self, key: bytes) -> int | None:
+        """For a read of ``key`` that begins now: the read it may share an operation with, or None.
+
+        That is the first read waiting for the next read round of ``key`` (see begin_read): the
+        next round begins after the read beginning now, so its outcome answers this read too, as
+        it answers every read waiting for it. The driver hands this read that operation's
+        outcome, and the core does no work for it. (It ends by that operation's deadline, at
+        most its own.)
+        """
+        rnd = self._read_rounds.get(key)
+        if rnd is None or not rnd.waiting:
+            return None
+        self.stats["reads_started"] += 1
+        self.stats["reads_shared"] += 1
+        return rnd.waiting[0]
+
     def _read_round_done(self, key: bytes, op_id: int, outcome: Outcome) -> list[NodeEffect]:
         """The round led by ``op_id`` ended: its riders share the outcome; the reads that waited
         start the next round together."""
