@@ -167,12 +167,16 @@ class ClientProtocol(asyncio.Protocol):
             # The hot path, GET of a value this node knows is chosen (what cmd_get does first),
             # unless an earlier write of this connection on the key still runs.
             if len(args) == 2 and args[0] in _GET and args[1] not in key_write:
+                self.last_cmd = "get"
                 known = chosen_value(args[1])
                 if known is not None:
-                    self.last_cmd = "get"
                     result: bytes | Deferred = b"$%d\r\n%s\r\n" % (len(known), known)
                 else:
-                    result = self._dispatch(args)
+                    # What _dispatch does for a GET, without its lookups: nothing blocks a read
+                    # of a key this connection is not writing.
+                    result = self._call(cmd_get, args)
+                    if not isinstance(result, bytes) and not result[0].done():
+                        self._mark_busy(args[1:], result[0], True)
             else:
                 result = self._dispatch(args)
             if isinstance(result, bytes):
@@ -294,6 +298,12 @@ class ClientProtocol(asyncio.Protocol):
             return error(f"ERR internal error: {type(exc).__name__}")
 
     def _mark_busy(self, keys: list[bytes], fut: asyncio.Future[Any], readonly: bool) -> None:
+        if readonly and len(keys) == 1:
+            running = self.key_busy.get(keys[0])
+            if running and running[-1] is fut:
+                # A read sharing the operation of this connection's previous read of the key
+                # (see NodeServer.read): that operation is registered already, and ends for both.
+                return
         for k in keys:
             self.key_busy.setdefault(k, []).append(fut)
             if not readonly:

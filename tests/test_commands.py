@@ -204,6 +204,24 @@ def test_mget_and_exists(cluster: Cluster, protocol: int) -> None:
     assert c.exists("a1", "a2", "nope") == 2
 
 
+def test_pipelined_reads_before_a_write_of_the_key_answer_nil(cluster: Cluster) -> None:
+    """Per connection, commands on one key take effect in the order sent: GETs pipelined before
+    the SETONCE of a missing key answer nil (the write waits for them, even when they share one
+    read operation), and GETs after it answer the value."""
+    c = cluster.client(2, protocol=2)
+    pipe = c.pipeline(transaction=False)
+    for k in range(40):
+        for _ in range(20):
+            pipe.get(f"order:{k}")
+        pipe.execute_command("SETONCE", f"order:{k}", f"v{k}")
+        for _ in range(3):
+            pipe.get(f"order:{k}")
+    replies = pipe.execute()
+    for k in range(40):
+        got = replies[24 * k : 24 * (k + 1)]
+        assert got == [None] * 20 + [b"OK"] + [f"v{k}".encode()] * 3, (k, got)
+
+
 def test_pipelined_commands_answer_in_order(cluster: Cluster, protocol: int) -> None:
     c = cluster.client(3, protocol=protocol)
     pipe = c.pipeline(transaction=False)
