@@ -477,21 +477,18 @@ def cmd_set(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
     return _write(c, args[1], args[2], OK, lambda _v: c.nil())
 
 
-def _read(c: ClientProtocol, key: bytes, fmt: Callable[[bytes | None], bytes]) -> bytes | Deferred:
-    """Start a linearizable read of a key this node does not know to be chosen (callers check)."""
-    bad = _limit_error(c, key)
-    if bad is not None:
-        return bad
+def _value_reply(nil: bytes, outcome: Outcome) -> bytes:
+    """The reply to a GET that ran a read: the value, nil, or the failure."""
+    if isinstance(outcome, Chosen):
+        return bulk(outcome.proposal.value)
+    if isinstance(outcome, Empty):
+        return nil
+    assert isinstance(outcome, Failed)
+    return _failure_reply(outcome)
 
-    def done(outcome: Outcome) -> bytes:
-        if isinstance(outcome, Chosen):
-            return fmt(outcome.proposal.value)
-        if isinstance(outcome, Empty):
-            return fmt(None)
-        assert isinstance(outcome, Failed)
-        return _failure_reply(outcome)
 
-    return c.srv.read(key, c.budget_ms), done
+#: How a GET that ran a read formats its outcome, by protocol (RESP2, RESP3: their nils differ).
+_GET_REPLY = (partial(_value_reply, NIL2), partial(_value_reply, NIL3))
 
 
 def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
@@ -500,7 +497,11 @@ def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
     known = c.srv.chosen_value(key)
     if known is not None:
         return b"$%d\r\n%s\r\n" % (len(known), known)
-    return _read(c, key, lambda v: c.nil() if v is None else bulk(v))
+    # Otherwise a linearizable read.
+    bad = _limit_error(c, key)
+    if bad is not None:
+        return bad
+    return c.srv.read(key, c.budget_ms), _GET_REPLY[c.resp3]
 
 
 def _multi_read(
