@@ -44,10 +44,16 @@ log = logging.getLogger("respreg.client")
 
 
 class _Slot:
-    __slots__ = ("data",)
+    """A reply in request order: its bytes, or the operation it waits for and its formatter."""
 
-    def __init__(self, data: bytes | None) -> None:
+    __slots__ = ("data", "fut", "fmt")
+
+    def __init__(
+        self, data: bytes | None, fut: asyncio.Future[Any] | None = None, fmt: Callable[[Any], bytes] | None = None
+    ) -> None:
         self.data = data
+        self.fut = fut
+        self.fmt = fmt
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -79,6 +85,7 @@ class ClientProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()  # cached: each lookup is a getpid() system call
         #: Set while a command that waited behind earlier ones starts: what is left of its deadline.
         self.budget_ms: float | None = None
+        #: Queued replies still waiting for their operation (or, done, for an earlier reply).
         self.inflight = 0
         self.closing = False
         self.closed = False
@@ -200,10 +207,12 @@ class ClientProtocol(asyncio.Protocol):
                 else:
                     out.append(reply)
                 continue
-            slot = _Slot(None)
-            queue.append(slot)
+            # One callback per operation and connection is enough: it drains every reply at the
+            # head of the queue whose operation is done (reads of one key share operations).
+            if not queue or queue[-1].fut is not fut:
+                fut.add_done_callback(self._complete)
+            queue.append(_Slot(None, fut, fmt))
             self.inflight += 1
-            fut.add_done_callback(partial(self._complete, slot, fmt))
         srv_stats["total_commands_processed"] += processed
         if out and self.transport is not None and not self.closed:
             if self.closing:
@@ -219,16 +228,23 @@ class ClientProtocol(asyncio.Protocol):
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
 
-    def _complete(self, slot: _Slot, fmt: Callable[[Any], bytes], fut: asyncio.Future[Any]) -> None:
-        self.inflight -= 1
-        slot.data = fmt(fut.result())
+    def _complete(self, _: asyncio.Future[Any]) -> None:
+        """An operation ended: collect the replies at the head of the queue that are ready."""
         if self.closed:
             return
         queue = self.queue
         out = self._pending_out
-        while queue and queue[0].data is not None:
-            data = queue.popleft().data
-            assert data is not None
+        while queue:
+            slot = queue[0]
+            data = slot.data
+            if data is None:
+                fut = slot.fut
+                assert fut is not None and slot.fmt is not None
+                if not fut.done():
+                    break
+                data = slot.fmt(fut.result())
+                self.inflight -= 1
+            queue.popleft()
             out.append(data)
         if not self._flush_scheduled:
             # Many operations finish in one event-loop iteration (a shared read round, a group
