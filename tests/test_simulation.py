@@ -243,6 +243,8 @@ SCALE = float(os.environ.get("RESPREG_SIM_SCALE", "1"))
 SWEEPS = [
     ("standard", 3, 2000, 200),
     ("standard", 5, 500, 100),
+    ("crowd", 3, 300, 150),
+    ("crowd", 5, 100, 50),
     ("majority-down", 3, 300, 150),
     ("majority-down", 5, 100, 50),
     ("crash-after-reply", 3, 300, 150),

@@ -7,6 +7,8 @@ one value on every node, and new operations must all get definite answers.
 Scenarios:
 
 - ``standard``: random loss, delay, duplication, crashes of a minority at a time.
+- ``crowd``: like ``standard``, with six to ten clients per node racing on one or two hot keys, so
+  reads pile up behind read rounds and join other reads' operations (``join_read_round``).
 - ``majority-down``: a majority of nodes is down for longer than a deadline; operations on the
   nodes still up must end (NOQUORUM/UNCERTAIN) within their deadline instead of hanging.
 - ``crash-after-reply``: nodes crash right after they sent a Promise or Accepted reply; the
@@ -248,6 +250,10 @@ def run_standard(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     return _run_faulty("standard", seed, nodes, trace, lambda f: f)
 
 
+def run_crowd(seed: int, nodes: int = 3, trace: bool = False) -> Result:
+    return _run_faulty("crowd", seed, nodes, trace, lambda f: f, crowd=True)
+
+
 def run_crash_after_reply(
     seed: int, nodes: int = 3, trace: bool = False, lying_disk: bool = False, config: NodeConfig | None = None
 ) -> Result:
@@ -279,14 +285,20 @@ def _run_faulty(
     tweak: Callable[[Faults], Faults],
     lying_disk: bool = False,
     config: NodeConfig | None = None,
+    crowd: bool = False,
 ) -> Result:
     world = _make_world(scenario, seed, nodes, trace, tweak, lying_disk, config)
     res = Result(scenario, seed, nodes, world)
     rng = world.rng
     stop = rng.choice([1000.0, 3000.0, 6000.0])
-    wl = Workload(
-        world, rng, clients_per_node=2, ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 4), stop=stop
-    )
+    if crowd:
+        wl = Workload(
+            world, rng, rng.randint(6, 10), ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 2), stop=stop
+        )
+    else:
+        wl = Workload(
+            world, rng, clients_per_node=2, ops_per_client=rng.randint(3, 6), hot_keys=rng.randint(1, 4), stop=stop
+        )
     wl.start()
     world.run_until(stop)
     liveness_phase(world, wl, res)
@@ -428,6 +440,7 @@ def _run_amnesia(
 
 SCENARIOS: dict[str, Callable[[int, int, bool], Result]] = {
     "standard": run_standard,
+    "crowd": run_crowd,
     "majority-down": run_majority_down,
     "crash-after-reply": run_crash_after_reply,
     "crash-mid-accept": run_crash_mid_accept,

@@ -284,6 +284,9 @@ class Host:
         self.disk_busy: dict[bytes, float] = {}
         self.ops: dict[int, OpRecord] = {}
         self.ops_done: dict[int, Callable[[OpRecord], None]] = {}
+        #: GETs that took the operation of another GET (NodeCore.join_read_round), by its op id:
+        #: they end with its outcome, as the asyncio driver's do.
+        self.joined: dict[int, list[int]] = {}
         #: Operations the driver runs for itself (repairs), with their start time and callback.
         self.internal: dict[int, tuple[float, Callable[[Outcome], None]]] = {}
         #: The disk was wiped after this node voted: it must not vote until it is rebuilt (what
@@ -355,7 +358,15 @@ class World:
         self._next_pid = 1
         self._pending = 0
         self.crashes_enabled = faults.crash_every_ms is not None
-        self.stats = {"messages": 0, "fast_accepts": 0, "lost": 0, "duplicated": 0, "crashes": 0, "events": 0}
+        self.stats = {
+            "messages": 0,
+            "fast_accepts": 0,
+            "lost": 0,
+            "duplicated": 0,
+            "crashes": 0,
+            "events": 0,
+            "reads_joined": 0,
+        }
         #: Called after every boot (a driver starts its rebuild of an amnesiac node here).
         self.on_boot: Callable[[Host], None] | None = None
         for h in self.hosts.values():
@@ -480,6 +491,7 @@ class World:
             self.log(f"n{nid} CRASH (incarnation {h.incarnation})")
         h.core = None
         h.internal = {}
+        h.joined = {}
         ops, h.ops = h.ops, {}
         self._pending -= len(ops)
         callbacks, h.ops_done = h.ops_done, {}
@@ -563,6 +575,11 @@ class World:
         if proposal is not None:
             effects = core.begin_write(op_id, key, proposal)
         else:
+            shared = core.join_read_round(key)
+            if shared is not None and shared in h.ops:
+                h.joined.setdefault(shared, []).append(op_id)
+                self.stats["reads_joined"] += 1
+                return rec
             effects = core.begin_read(op_id, key)
         self._apply(h, h.incarnation, effects)
         return rec
@@ -593,6 +610,8 @@ class World:
         cb = h.ops_done.pop(op_id, None)
         if cb is not None:
             cb(rec)
+        for follower in h.joined.pop(op_id, ()):
+            self._op_done(h, follower, outcome)
 
     def pending_ops(self) -> int:
         """Client operations running on nodes that are up."""
