@@ -1420,9 +1420,11 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
     cold, warm = _workload(big, "get-1"), _workload(base, "get-2")
     if cold and warm and cold.get("server_cpu_us_per_op") and warm.get("server_cpu_us_per_op"):
         out.append(
-            f"- A GET of a key not in the chosen-value cache is a Paxos read phase to every node (a file read "
-            f"on each): {cold['server_cpu_us_per_op']:,} µs of server CPU per GET in the first run at {nk:,} "
-            f"keys against {warm['server_cpu_us_per_op']:,} µs once the {nb:,} keys were cached."
+            "- A GET of a key not in the chosen-value cache is a Paxos read phase (in a cluster of three, to "
+            "the two nodes other than the key's owner first, and to the owner only when their answers do "
+            f"not settle it; a file read on each): {cold['server_cpu_us_per_op']:,} µs of server CPU per GET "
+            f"in the first run at {nk:,} keys against {warm['server_cpu_us_per_op']:,} µs once the {nb:,} keys "
+            "were cached."
         )
     out.append("")
     return out
