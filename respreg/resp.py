@@ -227,7 +227,9 @@ class RequestParser:
                     break
                 ready.append(args)
             i = end
-        if i:
+        if i == last and not parts[last]:
+            self._pos = pos + len(window)  # the whole window, which ends with a CRLF, was taken
+        elif i:
             self._pos = pos + sum(map(len, parts[:i])) + 2 * i
 
     def _inline(self) -> list[bytes] | None:
