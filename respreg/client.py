@@ -181,9 +181,7 @@ class ClientProtocol(asyncio.Protocol):
                 else:
                     # What _dispatch does for a GET, without its lookups: nothing blocks a read
                     # of a key this connection is not writing.
-                    result = self._call(cmd_get, args)
-                    if not isinstance(result, bytes) and not result[0].done():
-                        self._mark_busy(args[1:], result[0], True)
+                    result = self._call_tracked(_read_get, args, args[1:], True)
             else:
                 result = self._dispatch(args)
             if isinstance(result, bytes):
@@ -301,6 +299,11 @@ class ClientProtocol(asyncio.Protocol):
                 blockers = {f for k in keys for f in self.key_busy.get(k, ())}
             if blockers:
                 return self._after(blockers, handler, args, keys, readonly)
+        return self._call_tracked(handler, args, keys, readonly)
+
+    def _call_tracked(self, handler: Handler, args: list[bytes], keys: list[bytes], readonly: bool) -> bytes | Deferred:
+        """Run a command on ``keys``; while it runs, later commands of this connection on them
+        wait for it as they must (see _dispatch)."""
         result = self._call(handler, args)
         if not isinstance(result, bytes) and not result[0].done():
             self._mark_busy(keys, result[0], readonly)
@@ -508,12 +511,16 @@ _GET_REPLY = (partial(_value_reply, NIL2), partial(_value_reply, NIL3))
 
 
 def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
-    key = args[1]
     # The hot path: a value known to be chosen never changes, so memory answers it.
-    known = c.srv.chosen_value(key)
+    known = c.srv.chosen_value(args[1])
     if known is not None:
         return b"$%d\r\n%s\r\n" % (len(known), known)
-    # Otherwise a linearizable read.
+    return _read_get(c, args)
+
+
+def _read_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
+    """GET of a key this node does not know to be chosen (callers check): a linearizable read."""
+    key = args[1]
     bad = _limit_error(c, key)
     if bad is not None:
         return bad
