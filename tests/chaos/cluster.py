@@ -130,3 +130,7 @@ class ChaosCluster(Cluster):
     def peer_ports(self) -> list[int]:
         return [n.peer_port for n in self.nodes]
 
+    def own_ports(self) -> list[int]:
+        """Every port a node binds itself (client and peer)."""
+        return [n.port for n in self.nodes] + self.peer_ports()
+

@@ -40,7 +40,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Collection, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
@@ -130,9 +130,22 @@ class Proxy:
     def __init__(self, routes: Iterable[Route]) -> None:
         self.links: dict[tuple[int, int], _Link] = {(r.src, r.dst): _Link(r) for r in routes}
 
-    async def start(self) -> None:
-        for link in self.links.values():
-            await self._listen(link)  # port 0: the kernel picks
+    async def start(self, avoid: Collection[int] = ()) -> None:
+        """Listen on every link, on ports the kernel picks, none of them in ``avoid``.
+
+        ``avoid`` holds the nodes' own ports: they were free when picked, but a node binds them
+        only when it starts, after the proxy, and a link on one of them would take it."""
+        held: list[asyncio.AbstractServer] = []
+        try:
+            for link in self.links.values():
+                await self._listen(link)  # port 0: the kernel picks
+                while link.port in avoid and link.server is not None:
+                    held.append(link.server)  # kept open, so the kernel picks another
+                    link.server, link.port = None, 0
+                    await self._listen(link)
+        finally:
+            for server in held:
+                server.close()
 
     async def stop(self) -> None:
         for link in self.links.values():
@@ -376,11 +389,11 @@ class ProxyThread:
 class ProxyProcess:
     """The proxy in a child process; commands and answers are JSON lines on its stdin/stdout."""
 
-    def __init__(self, routes: Sequence[Route], log: IO[bytes] | None = None) -> None:
+    def __init__(self, routes: Sequence[Route], log: IO[bytes] | None = None, avoid: Collection[int] = ()) -> None:
         spec = json.dumps([_route_dict(r) for r in routes])
         self._lock = threading.Lock()
         self.proc: subprocess.Popen[str] | None = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.proxy", spec],
+            [sys.executable, "-m", "tests.chaos.proxy", spec, json.dumps(sorted(avoid))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log if log is not None else subprocess.DEVNULL,
@@ -466,9 +479,9 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-async def _serve(routes: list[Route]) -> None:
+async def _serve(routes: list[Route], avoid: set[int]) -> None:
     proxy = Proxy(routes)
-    await proxy.start()
+    await proxy.start(avoid)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -521,16 +534,17 @@ async def _serve(routes: list[Route]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        sys.stderr.write("usage: python -m tests.chaos.proxy '<routes as JSON>'\n")
+    if len(args) not in (1, 2):
+        sys.stderr.write("usage: python -m tests.chaos.proxy '<routes as JSON>' ['<ports to avoid as JSON>']\n")
         return 2
     routes = [Route(**r) for r in json.loads(args[0])]
+    avoid = {int(p) for p in json.loads(args[1])} if len(args) == 2 else set()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional
-        asyncio.run(_serve(routes))
+        asyncio.run(_serve(routes, avoid))
     else:
-        uvloop.run(_serve(routes))
+        uvloop.run(_serve(routes, avoid))
     return 0
 
 

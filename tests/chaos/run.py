@@ -404,7 +404,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             disks.prepare()
         if cfg.force_proxy or any(n in PROXY_FAULTS for n in nemeses):
             with open(root / "proxy.log", "ab") as plog:
-                proxy = ProxyProcess(cluster.routes(), log=plog)
+                proxy = ProxyProcess(cluster.routes(), log=plog, avoid=cluster.own_ports())
             cluster.via = {(r.src, r.dst): proxy.port(r.src, r.dst) for r in cluster.routes()}
         if any(n in NFT_FAULTS for n in nemeses):
             ports = cluster.peer_ports() + list(cluster.via.values())
