@@ -39,11 +39,11 @@ class ServerConfig:
     maxclients: int = 10000
     #: Commands of one connection that may wait on Paxos at once before its reading pauses.
     max_inflight_per_client: int = 1024
-    state_cache_keys: int = 100_000
-    chosen_cache_keys: int = 1_000_000
+    state_cache_keys: int = 50_000
+    chosen_cache_keys: int = 2_000_000
     #: Bounds the memory of chosen values kept for local reads (entries counted with their
-    #: overhead, see respreg.core.node.CHOSEN_ENTRY_OVERHEAD).
-    chosen_cache_bytes: int = 128 * 1024 * 1024
+    #: overhead, see respreg.core.chosen.CHOSEN_ENTRY_OVERHEAD).
+    chosen_cache_bytes: int = 200 * 1024 * 1024
     fsync_threads: int = 8
     #: How a batch of acceptor states is made durable: "fsync", "syncfs" or "auto"
     #: (respreg.storage.resolve_sync_mode; docs/design.md, "Group commit").

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
+from .chosenlog import ChosenLog, Record
 from .config import ServerConfig
 from .core.node import (
     Alarm,
@@ -135,6 +136,10 @@ class NodeServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rebuild: asyncio.Task[None] | None = None
         self._write_ops: set[int] = set()
+        self.chosen_log: ChosenLog | None = None
+        #: Learned proposals not yet appended to the chosen log (held while it loads or is rewritten).
+        self._learned: list[Record] = []
+        self._learned_busy = True
         # Set by start(); nothing that needs it runs before.
         self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
 
@@ -187,8 +192,15 @@ class NodeServer:
         )
         rng = random.Random(os.urandom(16))
         self.core = NodeCore(
-            self.me, [NodeId(p.node_id) for p in cfg.peers], self.incarnation, self._load, rng.random, node_config
+            self.me,
+            [NodeId(p.node_id) for p in cfg.peers],
+            self.incarnation,
+            self._load,
+            rng.random,
+            node_config,
+            self._on_learn,
         )
+        self.chosen_log = ChosenLog(cfg.data_dir, cfg.max_value_bytes + cfg.proto_max_bulk_len)
         self._apply_status()
         if self.status == JOINING and len(cfg.peers) == 1:
             self._set_status(VOTING)
@@ -246,6 +258,57 @@ class NodeServer:
             link.start()
         self._start_rebuild()
         self._tasks.add(loop.create_task(self._watchdog()))
+        self._tasks.add(loop.create_task(self._load_chosen(self.chosen_log)))
+
+    # ---- the chosen log: what this node learned, kept across restarts ---------------------------
+
+    async def _load_chosen(self, clog: ChosenLog) -> None:
+        """Read the chosen log into the core's cache while the node serves (a key not loaded
+        yet is answered the slow way, by a read phase), then start appending to it."""
+        t0 = time.monotonic()
+        loaded = 0
+        for batch in clog.load():
+            assert self.core is not None
+            loaded += self.core.preload_chosen(batch)
+            await asyncio.sleep(0)
+        log.info(
+            "chosen log: %d records read, %d values now cached, in %.2f s",
+            clog.records,
+            loaded,
+            time.monotonic() - t0,
+        )
+        self._learned_busy = False
+        self._flush_learned()
+
+    def _on_learn(self, key: bytes, entry: bytes) -> None:
+        if not self._learned and not self._learned_busy:
+            self._loop.call_soon(self._flush_learned)
+        self._learned.append((key, entry))
+
+    def _flush_learned(self) -> None:
+        clog = self.chosen_log
+        if self._learned_busy or clog is None:
+            return
+        records, self._learned = self._learned, []
+        clog.append(records)
+        if self.core is not None and clog.wants_rewrite(self.core.cached_chosen()):
+            self._learned_busy = True
+            self._tasks.add(self._loop.create_task(self._rewrite_chosen(clog)))
+
+    async def _rewrite_chosen(self, clog: ChosenLog) -> None:
+        """Replace a log grown far past the cache with the cache's contents (file written in a
+        thread; appends wait in memory meanwhile, then go to the new file)."""
+        assert self.core is not None
+        records = self.core.chosen_records()
+        try:
+            tmp = await self._loop.run_in_executor(None, clog.write_file, records)
+        except OSError as exc:
+            log.warning("chosen log: rewrite failed (%s); appending to the old one", exc)
+        else:
+            clog.reopen(tmp, len(records))
+            log.info("chosen log rewritten: %d records, %d bytes", len(records), clog.size)
+        self._learned_busy = False
+        self._flush_learned()
 
     async def _watchdog(self) -> None:
         """A safety net, not a mechanism: every operation ends by its deadline through the core's
@@ -291,6 +354,9 @@ class NodeServer:
             handle.cancel()
         if self.committer is not None:
             await self.committer.close()
+        if self.chosen_log is not None:
+            self._flush_learned()
+            self.chosen_log.close()
         if self._files is not None:
             self._files.close()
         if self._handle is not None:
@@ -646,6 +712,7 @@ class NodeServer:
     def info_fields(self) -> dict[str, dict[str, str | int]]:
         """INFO sections this node adds beyond the generic ones (see respreg.commands)."""
         assert self.core is not None and self.committer is not None
+        clog = self.chosen_log
         paxos: dict[str, str | int] = {
             "node_id": self.config.node_id,
             "incarnation": self.incarnation,
@@ -670,6 +737,10 @@ class NodeServer:
             "sync_mode": self._files.sync if self._files is not None else "",
             "syncfs_batches": self._files.syncfs_batches if self._files is not None else 0,
             "spare_files_ready": self._files.spares_ready() if self._files is not None else 0,
+            "chosen_log_loaded": int(clog is not None and clog.loaded),
+            "chosen_log_records": clog.records if clog is not None else 0,
+            "chosen_log_bytes": clog.size if clog is not None else 0,
+            "chosen_log_ok": int(clog is not None and clog.failed is None),
             "data_dir": str(self.config.data_dir),
         }
         return {"persistence": persistence, "paxos": paxos}

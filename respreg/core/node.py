@@ -18,11 +18,12 @@ Messages to this node's own acceptor never leave the core; they follow the same 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from . import acceptor
+from .chosen import ChosenCache, pack
 from .proposer import (
     DEADLINE_TOKEN,
     Chosen,
@@ -123,12 +124,12 @@ NodeEffect = Persist | PeerSend | PeerRespond | OpTimer | OpDone | Alarm
 class NodeConfig:
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     #: Acceptor states kept in memory once clean (durable, no reply waiting); others reload lazily.
-    state_cache_keys: int = 100_000
+    state_cache_keys: int = 50_000
     #: Chosen proposals remembered for local reads, bounded by count and by bytes.
-    chosen_cache_keys: int = 1_000_000
-    #: Counted as key + id + value + CHOSEN_ENTRY_OVERHEAD bytes per entry: close to what the
-    #: process really spends on it.
-    chosen_cache_bytes: int = 128 * 1024 * 1024
+    chosen_cache_keys: int = 2_000_000
+    #: Counted as key + id + value + CHOSEN_ENTRY_OVERHEAD bytes per entry
+    #: (respreg.core.chosen): close to what the process really spends on it.
+    chosen_cache_bytes: int = 200 * 1024 * 1024
     #: Let this node write the keys it owns in one round trip at the reserved round 0 (see
     #: docs/design.md). The driver may switch it off at run time through ``NodeCore.fast_writes``.
     fast_writes: bool = False
@@ -173,13 +174,6 @@ class _Forward:
     votes: dict[NodeId, Ballot] = field(default_factory=dict)
 
 
-#: Memory one chosen-cache entry costs beyond its key, id and value bytes (three bytes objects,
-#: a tuple, an ordered-dict entry). tracemalloc counts about 260 bytes on CPython 3.11, but the
-#: process's resident memory grew by about 510 bytes per cached key in the scale benchmark
-#: (allocator slack included), and resident memory is what the bound is for.
-CHOSEN_ENTRY_OVERHEAD = 470
-
-
 class _Slot:
     """A key's acceptor as this node holds it: state, versions, and replies waiting for fsync."""
 
@@ -208,7 +202,11 @@ class NodeCore:
         load: Callable[[bytes], AcceptorState],
         random: Callable[[], float],
         config: NodeConfig | None = None,
+        on_learn: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
+        """``on_learn(key, entry)`` hears of every proposal this node learns is chosen and did not
+        know (``entry`` packed by :func:`respreg.core.chosen.pack`): the driver may keep it
+        (a node keeps a log of them, so its knowledge survives a restart)."""
         if me not in nodes:
             raise ValueError(f"node {me} is not among the members {list(nodes)}")
         self.me = me
@@ -222,11 +220,12 @@ class NodeCore:
         # earlier, forgotten incarnation of the same key's slot.
         self._version = 0
         self._slots: OrderedDict[bytes, _Slot] = OrderedDict()
-        # key -> (proposal id, value). Plain tuples of bytes, not Proposal objects: the cyclic
-        # garbage collector stops tracking such tuples, so a cache of a million values adds
-        # nothing to its passes (Proposal instances would all be scanned by every full pass).
-        self._chosen: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._chosen_bytes = 0
+        # key -> chosen (proposal id, value), packed in one bytes object: nothing the cyclic
+        # garbage collector scans (Proposal instances would all be scanned by every full pass).
+        self._chosen = ChosenCache(self.config.chosen_cache_keys, self.config.chosen_cache_bytes)
+        #: The value of :meth:`chosen`, without building a Proposal (the GET hot path: one call).
+        self.chosen_value: Callable[[bytes], bytes | None] = self._chosen.value
+        self._on_learn = on_learn
         self._ops: dict[int, Proposer] = {}
         self._op_reqs: dict[int, list[int]] = {}
         self._outstanding: dict[int, tuple[int, int, NodeId]] = {}  # req_id -> (op, seq, to)
@@ -286,18 +285,7 @@ class NodeCore:
     def chosen(self, key: bytes) -> Proposal | None:
         """The proposal this node knows is chosen for ``key``, if any (never changes once set)."""
         p = self._chosen.get(key)
-        if p is None:
-            return None
-        self._chosen.move_to_end(key)
-        return Proposal(p[0], p[1])
-
-    def chosen_value(self, key: bytes) -> bytes | None:
-        """The value of :meth:`chosen`, without building a Proposal (the GET hot path)."""
-        p = self._chosen.get(key)
-        if p is None:
-            return None
-        self._chosen.move_to_end(key)
-        return p[1]
+        return None if p is None else Proposal(p[0], p[1])
 
     def begin_write(
         self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None = None
@@ -934,16 +922,14 @@ class NodeCore:
                     return
 
     def _learn(self, key: bytes, proposal: Proposal) -> None:
-        if key in self._chosen:
-            self._chosen.move_to_end(key)
-            return
-        self._chosen[key] = (proposal.pid, proposal.value)
-        self._chosen_bytes += len(key) + len(proposal.value) + len(proposal.pid) + CHOSEN_ENTRY_OVERHEAD
-        while self._chosen and (
-            len(self._chosen) > self.config.chosen_cache_keys or self._chosen_bytes > self.config.chosen_cache_bytes
-        ):
-            k, (pid, value) = self._chosen.popitem(last=False)
-            self._chosen_bytes -= len(k) + len(value) + len(pid) + CHOSEN_ENTRY_OVERHEAD
+        if self._chosen.add(key, proposal.pid, proposal.value) and self._on_learn is not None:
+            self._on_learn(key, pack(proposal.pid, proposal.value))
+
+    def preload_chosen(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
+        """Take (key, packed entry) pairs a driver kept from ``on_learn`` (say, before a restart):
+        each one records a proposal this node once learned is chosen, which stays true forever.
+        Not passed to ``on_learn`` again. Returns how many were new to the cache."""
+        return self._chosen.extend(entries)
 
     def set_voting(self, reason_not: str | None) -> None:
         """Let this node's acceptor vote (None), or make it refuse every prepare, accept and read
@@ -961,3 +947,7 @@ class NodeCore:
 
     def cached_chosen(self) -> int:
         return len(self._chosen)
+
+    def chosen_records(self) -> list[tuple[bytes, bytes]]:
+        """Every (key, packed entry) the cache holds, least recently used first."""
+        return list(self._chosen.items())

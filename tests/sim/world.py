@@ -280,6 +280,10 @@ class Host:
         self.disk_born = 0
         self.core: NodeCore | None = None
         self.disk: dict[bytes, AcceptorState] = {}
+        #: The chosen log (respreg.chosenlog): (key, packed entry) of every proposal the node
+        #: learned is chosen, appended without fsync; ``log_synced`` of them survive any crash.
+        self.chosen_log: list[tuple[bytes, bytes]] = []
+        self.log_synced = 0
         #: When the last write issued for a key lands (writes of one key land in order).
         self.disk_busy: dict[bytes, float] = {}
         self.ops: dict[int, OpRecord] = {}
@@ -331,6 +335,8 @@ class WorldOptions:
     #: directory before ``storage.open_node`` drew a random first incarnation (kept as a stress
     #: case). Off: incarnations keep growing across wipes, which is what random draws amount to.
     wipe_resets_incarnation: bool = False
+    #: Nodes keep a chosen log and read it back when they restart (as real nodes do).
+    chosen_log: bool = True
 
 
 class World:
@@ -414,8 +420,16 @@ class World:
 
     def _boot(self, h: Host) -> None:
         h.core = NodeCore(
-            h.id, self.node_ids, h.core_incarnation, partial(self._load, h), self.rng.random, self.node_config
+            h.id,
+            self.node_ids,
+            h.core_incarnation,
+            partial(self._load, h),
+            self.rng.random,
+            self.node_config,
+            partial(self._logged, h) if self.options.chosen_log else None,
         )
+        # What the real node does while it starts serving: read its chosen log back.
+        h.core.preload_chosen(h.chosen_log)
         h.disk_busy = {}
         if h.ever_wiped:
             h.core.fast_writes = False
@@ -424,6 +438,10 @@ class World:
             h.core.set_voting(AMNESIAC)
         if self.on_boot is not None:
             self.on_boot(h)
+
+    @staticmethod
+    def _logged(h: Host, key: bytes, entry: bytes) -> None:
+        h.chosen_log.append((key, entry))
 
     @staticmethod
     def _load(h: Host, key: bytes) -> AcceptorState:
@@ -450,6 +468,8 @@ class World:
             self.log(f"n{nid} WIPE: its disk of {len(h.disk)} keys is gone; it comes back {how}")
         h.disk = {}
         h.disk_busy = {}
+        h.chosen_log = []
+        h.log_synced = 0
         h.amnesiac = amnesiac
         h.ever_wiped = True
         if self.options.wipe_resets_incarnation:
@@ -492,6 +512,11 @@ class World:
         h.core = None
         h.internal = {}
         h.joined = {}
+        # The log is never fsynced: a crash keeps any prefix of what was appended since the file
+        # system last wrote it back (at least what it already had).
+        keep = self.rng.randint(h.log_synced, len(h.chosen_log))
+        del h.chosen_log[keep:]
+        h.log_synced = keep
         ops, h.ops = h.ops, {}
         self._pending -= len(ops)
         callbacks, h.ops_done = h.ops_done, {}
