@@ -68,7 +68,9 @@ from harness import (
 from run import finite, git_describe, parse_benchmark_csv
 
 from respreg import storage
+from respreg.chosenlog import ChosenLog
 from respreg.core import types as core_types
+from respreg.core.chosen import pack
 from respreg.core.types import AcceptorState, Ballot, Proposal
 
 HERE = Path(__file__).resolve().parent
@@ -397,6 +399,40 @@ def populate(roots: list[Path], keys: int, shape: Shape, procs: int, fsync: bool
     }
 
 
+def learned_probes(data_dir: Path, probes: dict[bytes, AcceptorState]) -> int:
+    """How many probe writes a node's chosen log records, with the proposal that was chosen."""
+    clog = ChosenLog(data_dir, 0)
+    try:
+        logged = {k: e for batch in clog.load() for k, e in batch}
+    finally:
+        clog.close()
+    p = {k: st.proposal for k, st in probes.items()}
+    return sum(1 for k, x in p.items() if x is not None and logged.get(k) == pack(x.pid, x.value))
+
+
+def populate_logs(data_dirs: list[Path], keys: int, shape: Shape) -> dict[str, Any]:
+    """Append key i's chosen proposal to each given node's chosen log, what a node that learned
+    every write keeps (through ChosenLog, so the format is the server's own)."""
+    t0 = time.monotonic()
+    size = 0
+    for data_dir in data_dirs:
+        clog = ChosenLog(data_dir, 0)
+        for _ in clog.load():
+            pass
+        for start in range(0, keys, 10_000):
+            records = []
+            for i in range(start, min(keys, start + 10_000)):
+                p = shape.state(i).proposal
+                assert p is not None
+                records.append((key_of(i), pack(p.pid, p.value)))
+            clog.append(records)
+        if clog.failed is not None:
+            raise RuntimeError(f"chosen log of {data_dir}: {clog.failed}")
+        size = clog.size
+        clog.close()
+    return {"nodes": len(data_dirs), "s": round(time.monotonic() - t0, 2), "bytes_per_node": size}
+
+
 def check_populated_sample(roots: list[Path], keys: int, shape: Shape, n: int) -> int:
     """Load n random keys per node back through KeyFiles.load and compare; returns keys checked."""
     rng = random.Random(7)
@@ -711,6 +747,13 @@ class SizeRun:
             finally:
                 kf.close()
         shape = infer_shape(probes, incarnations, 1)
+        # Which nodes' chosen logs the probe writes reached: every probe, or none (a node that
+        # learned some but not all would be a shape this benchmark cannot replicate).
+        chosen = {k: next(st for st in states if st is not None) for k, states in probes.items()}
+        learned = {n: learned_probes(c.data_dir(n), chosen) for n in range(1, NODES + 1)}
+        if any(0 < v < PROBES for v in learned.values()):
+            raise RuntimeError(f"probe writes reached some chosen logs only in part: {learned}")
+        log_nodes = [n for n, v in learned.items() if v == PROBES]
         before = shutil.disk_usage(self.root)
         print(
             f"  [{self.keys:,} keys] populating the stores of {NODES} nodes ({self.args.procs} processes, "
@@ -718,6 +761,8 @@ class SizeRun:
             flush=True,
         )
         pop = populate(roots, self.keys, shape, self.args.procs, self.args.populate_fsync)
+        pop["chosen_logs"] = populate_logs([c.data_dir(n) for n in log_nodes], self.keys, shape)
+        pop["chosen_logs"]["probes_learned"] = learned
         after = shutil.disk_usage(self.root)
         pop["disk_used_delta_mb"] = round((after.used - before.used) / 2**20, 1)
         pop["first_start_s"] = round(init_s, 2)
@@ -1433,7 +1478,7 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
 def _server_cache_defaults() -> str:
     """The cache bounds of ``respreg serve`` as this checkout defines them."""
     from respreg.config import ServerConfig
-    from respreg.core.node import CHOSEN_ENTRY_OVERHEAD
+    from respreg.core.chosen import CHOSEN_ENTRY_OVERHEAD
 
     fields = ServerConfig.__dataclass_fields__
     states = fields["state_cache_keys"].default
