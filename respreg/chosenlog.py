@@ -167,7 +167,7 @@ class ChosenLog:
                 os.close(fd)
                 raise
         except OSError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         self._fd = fd
         self.size = valid
@@ -185,12 +185,14 @@ class ChosenLog:
             while written < len(data):
                 written += os.write(self._fd, data[written:])
         except OSError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         self.size += len(data)
         self.records += len(records)
 
-    def _fail(self, exc: OSError) -> None:
+    def fail(self, exc: OSError) -> None:
+        """Stop using the log (reported in INFO as chosen_log_ok:0) until the node restarts."""
+        self.loaded = True
         self.failed = str(exc)
         log.warning("%s: %s; learned values are no longer logged until a restart", self.path, exc)
         self.close()
@@ -221,7 +223,7 @@ class ChosenLog:
         try:
             os.replace(tmp, self.path)
         except OSError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         self.records = records
         self.failed = None

@@ -267,10 +267,13 @@ class NodeServer:
         yet is answered the slow way, by a read phase), then start appending to it."""
         t0 = time.monotonic()
         loaded = 0
-        for batch in clog.load():
-            assert self.core is not None
-            loaded += self.core.preload_chosen(batch)
-            await asyncio.sleep(0)
+        try:
+            for batch in clog.load():
+                assert self.core is not None
+                loaded += self.core.preload_chosen(batch)
+                await asyncio.sleep(0)
+        except OSError as exc:  # unreadable: serve without it (every key can be read the slow way)
+            clog.fail(exc)
         log.info(
             "chosen log: %d records read, %d values now cached, in %.2f s",
             clog.records,

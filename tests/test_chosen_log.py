@@ -218,3 +218,20 @@ def test_a_log_prepared_offline_is_served(tmp_path: Path) -> None:
         assert c.client(1).get(b"offline7") == b"v7"
     finally:
         c.close()
+
+
+def test_a_node_whose_log_cannot_be_read_serves_without_it(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        for n in c.nodes:
+            n.data_dir.mkdir(parents=True)
+        (c.node(1).data_dir / LOG_NAME).mkdir()  # not a file: reading it fails
+        c.start()
+        c.wait_peers()
+        info = _wait_loaded(c, 1)
+        assert info["chosen_log_ok"] == "0"
+        assert c.client(1).execute_command("SETONCE", b"k", b"v") in (b"OK", True)
+        assert c.client(1).get(b"k") == b"v"
+        assert "learned values are no longer logged" in c.node(1).log_path.read_text()
+    finally:
+        c.close()
