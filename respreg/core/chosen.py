@@ -132,10 +132,15 @@ class ChosenCache:
 
     def extend(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
         """Add packed entries (from :meth:`items` or a log); how many were new."""
-        new = 0
-        for key, e in entries:
-            if key in self._young or key in self._old:
-                continue
-            self._put(key, e, cost(key, e))
-            new += 1
-        return new
+        young, old = self._young, self._old
+        # One entry per key (a key's entries are all alike: it has one chosen proposal).
+        fresh = {k: e for k, e in entries if k not in young and k not in old}
+        size = sum(map(len, fresh)) + sum(map(len, fresh.values())) + CHOSEN_ENTRY_OVERHEAD * len(fresh)
+        if len(young) + len(old) + len(fresh) <= self.max_keys and self.size_bytes + size <= self.max_bytes:
+            # All fit: in at once (a node reading its log back at start: a million entries).
+            young.update(fresh)
+            self._young_bytes += size
+        else:
+            for key, e in fresh.items():
+                self._put(key, e, cost(key, e))
+        return len(fresh)
