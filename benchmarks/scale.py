@@ -19,7 +19,10 @@ For each size (10,000 keys first, then --keys), in a fresh temp dir on --tmp-roo
    node's node.meta), and the proposal (a distinct id, as a real proposer makes it, and the
    value). Proposers rotate over the 3 nodes. By default the pool skips the per-file fsync
    (`os.fsync` is a no-op inside the pool's worker processes only) and one `sync` follows;
-   --populate-fsync keeps every fsync (much slower).
+   --populate-fsync keeps every fsync (much slower). Each node whose chosen log
+   (`chosen.log`) recorded all the probe writes of step 1 (what a node does when it learns a
+   write was chosen) gets every populated key appended to its log as well, through
+   `respreg.chosenlog.ChosenLog`: the log a node keeps after it learned all those writes.
 3. The cluster is started again; the time from the exec of each `respreg serve` to its first
    +PONG and to its first correct GET of a populated key is measured; then RSS (VmRSS, VmHWM of
    /proc/PID/status) and the nodes' cache sizes (INFO paxos) after start, after two runs of
@@ -1260,6 +1263,14 @@ def render(results: dict[str, Any]) -> str:
             f"directories {p['first_start_s']:.1f} s; {p['sample_checked']} files read back through "
             f"`KeyFiles.load` and compared."
         )
+        logs = p.get("chosen_logs")
+        if logs:
+            lines.append(
+                f"  Chosen logs: the probe writes were in the logs of nodes "
+                f"{', '.join(str(n) for n, v in sorted(logs['probes_learned'].items()) if v)} (of "
+                f"{len(logs['probes_learned'])}); {logs['nodes']} logs of {logs['bytes_per_node'] / 2**20:,.1f} MiB "
+                f"each written in {logs['s']:.1f} s through `respreg.chosenlog.ChosenLog`."
+            )
     for run in (base, big):
         if run.get("keyfiles_open_s"):
             lines.append(
@@ -1433,18 +1444,34 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
             + (f"; in the profiled start the largest respreg shares were {', '.join(shares)}." if shares else ".")
         )
     mem = {e["phase"]: e["nodes"] for e in big.get("memory", [])}
+    base_mem = {e["phase"]: e["nodes"] for e in base.get("memory", [])}
     start, swept = mem.get("after start and 300 verified GETs per node"), mem.get("after the sweep")
     if start and swept:
         node = max(swept, key=lambda k: swept[k]["rss_mb"])
         grown = swept[node]["rss_mb"] - start[node]["rss_mb"]
         keys = swept[node]["cached_chosen"] - start[node]["cached_chosen"]
+        low = base_mem.get("after start and 300 verified GETs per node")
+        if keys <= 0 and low and node in low:
+            # Everything was cached at start (read back from the chosen log): compare with the
+            # small cluster's node instead.
+            grown = start[node]["rss_mb"] - low[node]["rss_mb"]
+            keys = start[node]["cached_chosen"] - low[node]["cached_chosen"]
+            how = (
+                f"node {node} held {start[node]['cached_chosen']:,} chosen values once it had read its chosen "
+                f"log back at start, at {start[node]['rss_mb']:.0f} MB against {low[node]['rss_mb']:.0f} MB for "
+                f"{low[node]['cached_chosen']:,} at {nb:,} keys"
+            )
+        else:
+            how = (
+                f"node {node} went from {start[node]['rss_mb']:.0f} MB to {swept[node]['rss_mb']:.0f} MB while its "
+                f"caches grew to {swept[node]['cached_chosen']:,} chosen values and "
+                f"{swept[node]['cached_states']:,} acceptor states"
+            )
         per_key = 1e6 * grown * 1.048576 / max(keys, 1)
         if keys > 0:
             out.append(
-                f"- Memory grows with the chosen-value cache: node {node} went from {start[node]['rss_mb']:.0f} MB to "
-                f"{swept[node]['rss_mb']:.0f} MB while its caches grew to {swept[node]['cached_chosen']:,} chosen "
-                f"values and {swept[node]['cached_states']:,} acceptor states, about {per_key:,.0f} bytes of RSS "
-                f"per cached key, within the caches' bounds (server defaults: {_server_cache_defaults()})."
+                f"- Memory grows with the chosen-value cache: {how}, about {per_key:,.0f} bytes of RSS per cached "
+                f"key, within the caches' bounds (server defaults: {_server_cache_defaults()})."
             )
     stalls = [w for w in big.get("workloads", []) if w.get("ping_stalls")]
     worst = max((v["max_ms"] for w in stalls for v in w["ping_stalls"].values()), default=0.0)
@@ -1464,13 +1491,23 @@ def observations(base: dict[str, Any], big: dict[str, Any]) -> list[str]:
     )
     cold, warm = _workload(big, "get-1"), _workload(base, "get-2")
     if cold and warm and cold.get("server_cpu_us_per_op") and warm.get("server_cpu_us_per_op"):
-        out.append(
-            "- A GET of a key not in the chosen-value cache is a Paxos read phase (in a cluster of three, to "
-            "the two nodes other than the key's owner first, and to the owner only when their answers do "
-            f"not settle it; a file read on each): {cold['server_cpu_us_per_op']:,} µs of server CPU per GET "
-            f"in the first run at {nk:,} keys against {warm['server_cpu_us_per_op']:,} µs once the {nb:,} keys "
-            "were cached."
+        reads = (cold.get("node1_counters") or {}).get("reads_started")
+        cpu = (
+            f"{cold['server_cpu_us_per_op']:,} µs of server CPU per GET in the first run at {nk:,} keys against "
+            f"{warm['server_cpu_us_per_op']:,} µs in the second run at {nb:,} keys"
         )
+        if reads == 0:
+            out.append(
+                f"- No GET of the first run needed a Paxos read: each node read its chosen log back at start "
+                f"(in the profiled start above), so every populated key was answered from memory; {cpu}."
+            )
+        else:
+            out.append(
+                "- A GET of a key the node does not know is chosen (not in its chosen log, or not cached) is a "
+                "Paxos read phase (in a cluster of three, to the two nodes other than the key's owner first, and "
+                "to the owner only when their answers do not settle it; a file read on each): "
+                f"{reads:,} of the first run's GETs were; {cpu}."
+            )
     out.append("")
     return out
 
