@@ -98,6 +98,8 @@ class ChosenLog:
         self.records = 0
         self.loaded = False
         self.failed: str | None = None
+        #: Records beyond twice the cache's that make the log worth rewriting.
+        self.rewrite_slack = 100_000
         self._fd: int | None = None
 
     # ---- reading -----------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class ChosenLog:
     def wants_rewrite(self, live_records: int) -> bool:
         """Whether the log holds far more records than the cache it backs (keys appended again
         after the cache forgot them): then :meth:`write_file` of the cache and :meth:`reopen`."""
-        return self._fd is not None and self.records > 2 * live_records + 100_000
+        return self._fd is not None and self.records > 2 * live_records + self.rewrite_slack
 
     def write_file(self, records: list[Record]) -> Path:
         """Write ``records`` as a complete log to a temporary file beside the log and fsync it

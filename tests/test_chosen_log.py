@@ -235,3 +235,58 @@ def test_a_node_whose_log_cannot_be_read_serves_without_it(tmp_path: Path) -> No
         assert "learned values are no longer logged" in c.node(1).log_path.read_text()
     finally:
         c.close()
+
+
+def test_a_log_grown_past_the_cache_is_rewritten_from_it(tmp_path: Path) -> None:
+    """Keys forgotten by a small cache and learned again would grow the log without end: the
+    node rewrites it from what it holds, and a restart reads the rewritten log."""
+    import asyncio
+
+    from respreg.config import PeerAddress, ServerConfig
+    from respreg.core.proposer import Chosen
+    from respreg.server import NodeServer
+    from tests.cluster import free_ports
+
+    port, peer_port = free_ports(2)
+    config = ServerConfig(
+        node_id=1,
+        port=port,
+        peer_port=peer_port,
+        data_dir=tmp_path / "node1",
+        peers=(PeerAddress(1, "127.0.0.1", peer_port),),
+        chosen_cache_keys=10,
+    )
+
+    async def run(keys: range, reads: int) -> tuple[int, int]:
+        server = NodeServer(config)
+        await server.start()
+        try:
+            clog = server.chosen_log
+            assert clog is not None
+            clog.rewrite_slack = 50
+            while not clog.loaded:
+                await asyncio.sleep(0.01)
+            for i in keys:
+                fut, _ = server.write(b"k%d" % i, b"v%d" % i)
+                assert isinstance(await asyncio.wait_for(fut, 5), Chosen)
+            for _ in range(reads):  # evicted keys read again: learned again, logged again
+                for i in keys:
+                    out = await asyncio.wait_for(server.read(b"k%d" % i), 5)
+                    assert isinstance(out, Chosen) and out.proposal.value == b"v%d" % i
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if not server._learned_busy:
+                    break
+            return clog.records, clog.size
+        finally:
+            await server.stop()
+
+    records, size = asyncio.run(run(range(100), 2))
+    # 300 records were learned in all; the log was rewritten at least once down to the cache's 10.
+    assert records < 300 and size == (tmp_path / "node1" / LOG_NAME).stat().st_size
+    again = ChosenLog(tmp_path / "node1", 1 << 20)
+    loaded = _load_all(again)
+    again.close()
+    assert len(loaded) == records
+    assert all(unpack(e)[1] == b"v" + k[1:] for k, e in loaded)
+    assert not (tmp_path / "node1" / (LOG_NAME + ".tmp")).exists()
