@@ -133,8 +133,13 @@ class ChosenCache:
     def extend(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
         """Add packed entries (from :meth:`items` or a log); how many were new."""
         young, old = self._young, self._old
-        # One entry per key (a key's entries are all alike: it has one chosen proposal).
-        fresh = {k: e for k, e in entries if k not in young and k not in old}
+        # One entry per key (a key's entries are all alike: it has one chosen proposal), and
+        # only keys not held yet (set operations on the keys: no Python loop over the batch).
+        fresh = dict(entries)
+        for held in (young, old):
+            if held:
+                for k in fresh.keys() & held.keys():
+                    del fresh[k]
         size = sum(map(len, fresh)) + sum(map(len, fresh.values())) + CHOSEN_ENTRY_OVERHEAD * len(fresh)
         if len(young) + len(old) + len(fresh) <= self.max_keys and self.size_bytes + size <= self.max_bytes:
             # All fit: in at once (a node reading its log back at start: a million entries).
