@@ -305,12 +305,13 @@ class NodeServer:
         records = self.core.chosen_records()
         try:
             tmp = await self._loop.run_in_executor(None, clog.write_file, records)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - the log is a shortcut: keep appending to the old one
             log.warning("chosen log: rewrite failed (%s); appending to the old one", exc)
         else:
             clog.reopen(tmp, len(records))
             log.info("chosen log rewritten: %d records, %d bytes", len(records), clog.size)
-        self._learned_busy = False
+        finally:
+            self._learned_busy = False
         self._flush_learned()
 
     async def _watchdog(self) -> None:
