@@ -29,7 +29,7 @@ def test_pack_round_trips_any_id_length(pid_len: int) -> None:
 def test_cache_keeps_its_key_bound_and_forgets_the_least_used() -> None:
     c = ChosenCache(max_keys=100, max_bytes=1 << 30)
     for i in range(100):
-        assert c.add(b"k%d" % i, b"p", b"v%d" % i)
+        assert c.add(b"k%d" % i, b"p", b"v%d" % i) == pack(b"p", b"v%d" % i)
     assert len(c) == 100
     for i in range(50):  # used again: these must outlive the others
         assert c.value(b"k%d" % i) == b"v%d" % i
@@ -48,10 +48,10 @@ def test_cache_keeps_its_byte_bound() -> None:
         c.add(b"k%03d" % i, b"pid", b"v" * 100)
         assert c.size_bytes <= 10 * one
     assert len(c) == 10
-    assert not c.add(b"k999", b"pid", b"other")  # known: never replaced
+    assert c.add(b"k999", b"pid", b"other") is None  # known: never replaced
     assert c.value(b"k999") == b"v" * 100
     too_big = ChosenCache(max_keys=10, max_bytes=100)
-    assert too_big.add(b"k", b"p", b"v" * 200) and b"k" not in too_big
+    assert too_big.add(b"k", b"p", b"v" * 200) is not None and b"k" not in too_big
 
 
 def test_cache_extend_takes_only_new_keys() -> None:

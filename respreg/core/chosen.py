@@ -103,13 +103,14 @@ class ChosenCache:
         n = e[-1]
         return e[: -1 - n] if n != _LONG else unpack(e)[1]
 
-    def add(self, key: bytes, pid: bytes, value: bytes) -> bool:
-        """Remember that (pid, value) is chosen for ``key``; False when it was known already."""
+    def add(self, key: bytes, pid: bytes, value: bytes) -> bytes | None:
+        """Remember that (pid, value) is chosen for ``key``: its packed entry, or None when it was
+        known already."""
         if self.entry(key) is not None:
-            return False
+            return None
         e = pack(pid, value)
         self._put(key, e, cost(key, e))
-        return True
+        return e
 
     def _put(self, key: bytes, e: bytes, c: int) -> None:
         if c > self.max_bytes or self.max_keys <= 0:

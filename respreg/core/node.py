@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from . import acceptor
-from .chosen import ChosenCache, pack
+from .chosen import ChosenCache
 from .proposer import (
     DEADLINE_TOKEN,
     Chosen,
@@ -922,8 +922,9 @@ class NodeCore:
                     return
 
     def _learn(self, key: bytes, proposal: Proposal) -> None:
-        if self._chosen.add(key, proposal.pid, proposal.value) and self._on_learn is not None:
-            self._on_learn(key, pack(proposal.pid, proposal.value))
+        entry = self._chosen.add(key, proposal.pid, proposal.value)
+        if entry is not None and self._on_learn is not None:
+            self._on_learn(key, entry)
 
     def preload_chosen(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
         """Take (key, packed entry) pairs a driver kept from ``on_learn`` (say, before a restart):
