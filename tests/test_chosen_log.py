@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from respreg.chosenlog import LOG_NAME, ChosenLog, write_log
-from respreg.core.chosen import ChosenCache, cost, pack, unpack, value_of
+from respreg.core.chosen import LARGE_ENTRY, ChosenCache, cost, pack, unpack, value_of
 from tests.cluster import Cluster, running
 
 # ---- the cache ---------------------------------------------------------------------------------
@@ -60,6 +60,27 @@ def test_cache_extend_takes_only_new_keys() -> None:
     assert c.extend([(b"a", pack(b"p2", b"second")), (b"b", pack(b"p3", b"x"))]) == 1
     assert c.get(b"a") == (b"p1", b"first")
     assert sorted(k for k, _ in c.items()) == [b"a", b"b"]
+
+
+def test_a_large_value_is_answered_without_a_copy_and_logged_like_any_other() -> None:
+    big = b"x" * (LARGE_ENTRY * 4)
+    c = ChosenCache(max_keys=10, max_bytes=1 << 20)
+    assert c.add(b"big", b"pid", big) == pack(b"pid", big)  # what goes to the log
+    assert c.value(b"big") is big  # the very object: no slice of a packed entry
+    assert c.get(b"big") == (b"pid", big)
+    assert c.size_bytes == cost(b"big", (b"pid", big)) > len(big)
+    assert dict(c.items()) == {b"big": pack(b"pid", big)}
+    # Read back from a log: held the same way, counted the same.
+    d = ChosenCache(max_keys=10, max_bytes=1 << 20)
+    assert d.extend([(b"big", pack(b"pid", big)), (b"small", pack(b"p", b"s"))]) == 2
+    assert d.value(b"big") == big and d.get(b"small") == (b"p", b"s")
+    assert d.size_bytes == cost(b"big", (b"pid", big)) + cost(b"small", pack(b"p", b"s"))
+    # And bounded by bytes like the rest.
+    e = ChosenCache(max_keys=100, max_bytes=3 * cost(b"k0", (b"pid", big)))
+    for i in range(10):
+        e.add(b"k%d" % i, b"pid", big)
+        assert e.size_bytes <= e.max_bytes
+    assert len(e) == 3
 
 
 # ---- the log file --------------------------------------------------------------------------------
