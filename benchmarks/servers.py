@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def start_redis(root: Path, durable: bool, commands: CommandLog) -> tuple[Server
     return group, port
 
 
-def start_respreg(root: Path, size: int, commands: CommandLog) -> tuple[ServerGroup, list[int]]:
-    """A respreg cluster of `size` separate `respreg serve` processes; returns their client ports."""
+def start_respreg(
+    root: Path, size: int, commands: CommandLog, extra: Sequence[str] = ()
+) -> tuple[ServerGroup, list[int]]:
+    """A respreg cluster of `size` separate `respreg serve` processes (``extra``: more flags for
+    each); returns their client ports."""
     ports = free_ports(2 * size)
     client_ports, peer_ports = ports[:size], ports[size:]
     secret = root / "respreg.secret"
@@ -59,6 +63,7 @@ def start_respreg(root: Path, size: int, commands: CommandLog) -> tuple[ServerGr
                 "--peers", peers,
                 "--cluster-secret-file", str(secret),
                 "--log-level", "WARNING",
+                *extra,
             ]  # fmt: skip
             group.start(f"respreg node {i + 1}", argv, root / f"respreg-node{i + 1}.log")
         for p in client_ports:
