@@ -514,7 +514,7 @@ def cmd_get(c: ClientProtocol, args: list[bytes]) -> bytes | Deferred:
     # The hot path: a value known to be chosen never changes, so memory answers it.
     known = c.srv.chosen_value(args[1])
     if known is not None:
-        return b"$%d\r\n%s\r\n" % (len(known), known)
+        return bulk(known)
     return _read_get(c, args)
 
 

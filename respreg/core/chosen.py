@@ -16,7 +16,7 @@ asks a majority (docs/design.md, *Read path*).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, cast
 
 #: Bytes one entry costs beyond its key, id and value (dict slot and two object headers, with
@@ -52,13 +52,6 @@ def unpack(entry: bytes) -> tuple[bytes, bytes]:
     return entry[end - n : end], entry[: end - n]
 
 
-def value_of(entry: bytes) -> bytes:
-    n = entry[-1]
-    if n == _LONG:
-        return unpack(entry)[1]
-    return entry[: -1 - n]
-
-
 def cost(key: bytes, entry: Entry) -> int:
     if isinstance(entry, bytes):
         return len(key) + len(entry) + CHOSEN_ENTRY_OVERHEAD
@@ -73,7 +66,7 @@ class ChosenCache:
     """key -> (pid, value) of the chosen proposal, at most ``max_keys`` entries and
     ``max_bytes`` bytes as counted by :func:`cost`."""
 
-    __slots__ = ("max_keys", "max_bytes", "_young", "_old", "_young_bytes", "_old_bytes", "turns")
+    __slots__ = ("max_keys", "max_bytes", "_young", "_old", "_young_bytes", "_old_bytes")
 
     def __init__(self, max_keys: int, max_bytes: int) -> None:
         self.max_keys = max_keys
@@ -82,8 +75,6 @@ class ChosenCache:
         self._old: dict[bytes, Entry] = {}
         self._young_bytes = 0
         self._old_bytes = 0
-        #: Times the old generation was dropped.
-        self.turns = 0
 
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
@@ -143,15 +134,14 @@ class ChosenCache:
             if not self._old:
                 self._old, self._young = self._young, {}
                 self._old_bytes, self._young_bytes = self._young_bytes, 0
-                self.turns += 1
             k, v = self._old.popitem()
             self._old_bytes -= cost(k, v)
         self._young[key] = e
         self._young_bytes += c
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
+    def items(self) -> list[tuple[bytes, bytes]]:
         """(key, packed entry) of every entry, old ones first (a snapshot: safe to change after)."""
-        return iter([(k, _packed(e)) for gen in (self._old, self._young) for k, e in gen.items()])
+        return [(k, _packed(e)) for gen in (self._old, self._young) for k, e in gen.items()]
 
     def extend(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
         """Add packed entries (from :meth:`items` or a log); how many were new."""

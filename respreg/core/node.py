@@ -951,4 +951,4 @@ class NodeCore:
 
     def chosen_records(self) -> list[tuple[bytes, bytes]]:
         """Every (key, packed entry) the cache holds, least recently used first."""
-        return list(self._chosen.items())
+        return self._chosen.items()
