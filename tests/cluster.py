@@ -24,6 +24,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from respreg.config import PeerAddress, ServerConfig
+
 HOST = "127.0.0.1"
 
 
@@ -39,6 +41,13 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def one_node_config(data_dir: Path, **options: Any) -> ServerConfig:
+    """The config of a one-node cluster on free loopback ports (for a NodeServer run in-process)."""
+    port, peer_port = free_ports(2)
+    peers = (PeerAddress(1, HOST, peer_port),)
+    return ServerConfig(node_id=1, port=port, peer_port=peer_port, data_dir=data_dir, peers=peers, **options)
 
 
 def wait_ping(

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from respreg.chosenlog import LOG_NAME, ChosenLog, write_log
-from respreg.core.chosen import LARGE_ENTRY, ChosenCache, cost, pack, unpack, value_of
+from respreg.core.chosen import LARGE_ENTRY, ChosenCache, cost, pack, unpack
 from tests.cluster import Cluster, running
 
 # ---- the cache ---------------------------------------------------------------------------------
@@ -23,7 +23,9 @@ def test_pack_round_trips_any_id_length(pid_len: int) -> None:
     for value in (b"", b"v", b"\xff" * 300):
         e = pack(pid, value)
         assert unpack(e) == (pid, value)
-        assert value_of(e) == value
+        cache = ChosenCache(max_keys=10, max_bytes=1 << 30)
+        cache.add(b"k", pid, value)
+        assert cache.value(b"k") == value
 
 
 def test_cache_keeps_its_key_bound_and_forgets_the_least_used() -> None:
@@ -263,20 +265,11 @@ def test_a_log_grown_past_the_cache_is_rewritten_from_it(tmp_path: Path) -> None
     node rewrites it from what it holds, and a restart reads the rewritten log."""
     import asyncio
 
-    from respreg.config import PeerAddress, ServerConfig
     from respreg.core.proposer import Chosen
     from respreg.server import NodeServer
-    from tests.cluster import free_ports
+    from tests.cluster import one_node_config
 
-    port, peer_port = free_ports(2)
-    config = ServerConfig(
-        node_id=1,
-        port=port,
-        peer_port=peer_port,
-        data_dir=tmp_path / "node1",
-        peers=(PeerAddress(1, "127.0.0.1", peer_port),),
-        chosen_cache_keys=10,
-    )
+    config = one_node_config(tmp_path / "node1", chosen_cache_keys=10)
 
     async def run(keys: range, reads: int) -> tuple[int, int]:
         server = NodeServer(config)

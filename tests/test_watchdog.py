@@ -9,26 +9,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from respreg.config import PeerAddress, ServerConfig
 from respreg.core.node import NodeEffect
 from respreg.core.proposer import Chosen, Failed, Failure
 from respreg.server import NodeServer
 
-from .cluster import free_ports
+from .cluster import one_node_config
 
 
 def test_an_operation_the_core_loses_is_answered_with_an_error(tmp_path: Path) -> None:
     async def scenario() -> None:
-        port, peer_port = free_ports(2)
-        config = ServerConfig(
-            node_id=1,
-            port=port,
-            peer_port=peer_port,
-            data_dir=tmp_path / "node1",
-            peers=(PeerAddress(1, "127.0.0.1", peer_port),),
-            deadline_ms=200,
-        )
-        server = NodeServer(config)
+        server = NodeServer(one_node_config(tmp_path / "node1", deadline_ms=200))
         await server.start()
         try:
             assert server.core is not None
