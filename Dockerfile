@@ -1,11 +1,17 @@
 # One respreg node per container. Build: docker build -t respreg .
 # Run three with the same --peers list and secret file; see docs/operations.md.
-FROM python:3.11-slim
-WORKDIR /app
-COPY pyproject.toml README.md ./
+
+# The build stage has a C compiler, so the wheel carries the modules compiled with mypyc.
+FROM python:3.11 AS build
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
 COPY respreg ./respreg
-RUN pip install --no-cache-dir . && useradd --system --home-dir /data respreg \
-    && mkdir -p /data && chown respreg /data
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && useradd --system --home-dir /data respreg && mkdir -p /data && chown respreg /data
 USER respreg
 VOLUME /data
 EXPOSE 7000 17000

@@ -211,9 +211,11 @@ class ChosenLog:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             data = _FILE_HEAD + encode_blocks(records)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            # Not `view = view[os.write(fd, view):]`: mypyc evaluates a call inside the bounds of a
+            # memoryview slice twice, which wrote the data twice.
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:] if written else data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, compiled
 from .config import ConfigError, ServerConfig, parse_peers
 
 
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0 if argv else 2
     if argv[0] == "--version":
-        print(f"respreg {__version__}")
+        print(f"respreg {__version__} ({'compiled with mypyc' if compiled() else 'pure Python'})")
         return 0
     if argv[0] == "serve":
         return serve(argv[1:])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__
+from . import __version__, compiled
 from .commands import BY_NAME, MUTATIONS, SPECS, command_docs, command_info, write_once_error
 from .core.node import Chosen, Empty, Failed, Outcome
 from .core.types import Proposal
@@ -809,6 +809,7 @@ def info_text(c: ClientProtocol, sections: list[str]) -> str:
             "peer_port": cfg.peer_port,
             "uptime_in_seconds": int(time.time() - srv.started),
             "python_version": platform.python_version(),
+            "respreg_compiled": int(compiled()),
         },
         "clients": {
             "connected_clients": len(srv.clients),

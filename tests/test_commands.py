@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 import redis
 
+import respreg
+
 from .cluster import Cluster
 
 
@@ -154,6 +156,8 @@ def test_command_count_docs_and_info(cluster: Cluster, protocol: int) -> None:
     info = c.info()
     assert info["redis_mode"] == "standalone"
     assert int(info["tcp_port"]) == cluster.node(1).port
+    # The node runs the modules this test process runs: compiled, unless built without a compiler.
+    assert int(info["respreg_compiled"]) == int(respreg.compiled())
     paxos = c.info("paxos")
     assert int(paxos["cluster_size"]) == 3 and int(paxos["quorum"]) == 2
     assert int(paxos["peers_up"]) == 2
