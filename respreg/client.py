@@ -44,7 +44,8 @@ log = logging.getLogger("respreg.client")
 
 
 class _Slot:
-    """A reply in request order: its bytes, or the operation it waits for and its formatter."""
+    """A reply in request order: its bytes, or the operation it waits for and its formatter
+    (None for a GET's, the one the hot path calls without a Python-level call)."""
 
     __slots__ = ("data", "fut", "fmt")
 
@@ -61,8 +62,9 @@ class ClientProtocol(asyncio.Protocol):
         self.srv = server
         cfg = server.config
         assert server.core is not None, "clients are served only once the node has started"
-        #: The GET hot path's lookup, bound once (see _process).
-        self._chosen_value = server.core.chosen_value
+        #: The GET hot path's cache (see _process).
+        self._chosen = server.core.chosen_cache
+        self._max_key_bytes = cfg.max_key_bytes
         self.parser = RequestParser(max_bulk=cfg.proto_max_bulk_len)
         self.max_inflight = cfg.max_inflight_per_client
         self.transport: asyncio.Transport | None = None
@@ -152,8 +154,9 @@ class ClientProtocol(asyncio.Protocol):
         out, self._pending_out = self._pending_out, []
         out_size = 0
         queue = self.queue
-        srv_stats = self.srv.stats
-        chosen_value = self._chosen_value
+        srv = self.srv
+        srv_stats = srv.stats
+        chosen = self._chosen
         key_write = self.key_write
         processed = 0
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
@@ -171,17 +174,45 @@ class ClientProtocol(asyncio.Protocol):
             if args is None:
                 break
             processed += 1
-            # The hot path, GET of a value this node knows is chosen (what cmd_get does first),
-            # unless an earlier write of this connection on the key still runs.
-            if len(args) == 2 and args[0] in _GET and args[1] not in key_write:
+            # The hot path, GET, unless an earlier write of this connection on the key still
+            # runs: what _dispatch, _call_tracked and cmd_get would do, without their lookups
+            # and calls (nothing blocks a read of a key this connection is not writing).
+            if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get") and args[1] not in key_write:
                 self.last_cmd = "get"
-                known = chosen_value(args[1])
+                key = args[1]
+                known = chosen.value(key)
                 if known is not None:
-                    result: bytes | Deferred = b"$%d\r\n%s\r\n" % (len(known), known)
-                else:
-                    # What _dispatch does for a GET, without its lookups: nothing blocks a read
-                    # of a key this connection is not writing.
-                    result = self._call_tracked(_read_get, args, args[1:], True)
+                    # A value known to be chosen never changes, so memory answers it.
+                    reply = bulk(known)
+                    if queue:
+                        queue.append(_Slot(reply))
+                    else:
+                        out.append(reply)
+                        out_size += len(reply)
+                        if out_size >= _WRITE_CHUNK:
+                            out_size = self._write_out(out)
+                    continue
+                if len(key) <= self._max_key_bytes and self.budget_ms is None:
+                    # A linearizable read (_read_get); many share one operation (NodeServer.read).
+                    try:
+                        fut = srv.read(key)
+                    except Exception as exc:  # noqa: BLE001 - as in _call
+                        out.append(_internal_error(args, exc))
+                        continue
+                    if fut.done():
+                        reply = _value_reply(self.nil(), fut.result())
+                        if queue:
+                            queue.append(_Slot(reply))
+                        else:
+                            out.append(reply)
+                        continue
+                    self._mark_busy([key], fut, True)
+                    if not queue or queue[-1].fut is not fut:
+                        fut.add_done_callback(self._complete)
+                    queue.append(_Slot(None, fut))  # no formatter: a GET's (see _complete)
+                    self.inflight += 1
+                    continue
+                result: bytes | Deferred = self._call_tracked(_read_get, args, args[1:], True)
             else:
                 result = self._dispatch(args)
             if isinstance(result, bytes):
@@ -190,12 +221,8 @@ class ClientProtocol(asyncio.Protocol):
                 else:
                     out.append(result)
                     out_size += len(result)
-                    if out_size >= _WRITE_CHUNK and self.transport is not None and not self.closed:
-                        # Hand big batches to the transport as they grow: if the client does not
-                        # read, pause_writing stops this loop before replies pile up in memory.
-                        self.transport.write(b"".join(out))
-                        out.clear()
-                        out_size = 0
+                    if out_size >= _WRITE_CHUNK:
+                        out_size = self._write_out(out)
                 continue
             fut, fmt = result
             if fut.done():
@@ -226,6 +253,15 @@ class ClientProtocol(asyncio.Protocol):
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
 
+    def _write_out(self, out: list[bytes]) -> int:
+        """Hand a big batch of replies to the transport as it grows (if the client does not read,
+        pause_writing stops the parse loop before replies pile up in memory); the bytes left."""
+        if self.transport is None or self.closed:
+            return sum(map(len, out))
+        self.transport.write(b"".join(out))
+        out.clear()
+        return 0
+
     def _complete(self, _: asyncio.Future[Any]) -> None:
         """An operation ended: collect the replies at the head of the queue that are ready."""
         if self.closed:
@@ -237,10 +273,11 @@ class ClientProtocol(asyncio.Protocol):
             data = slot.data
             if data is None:
                 fut = slot.fut
-                assert fut is not None and slot.fmt is not None
+                assert fut is not None
                 if not fut.done():
                     break
-                data = slot.fmt(fut.result())
+                fmt = slot.fmt
+                data = _value_reply(self.nil(), fut.result()) if fmt is None else fmt(fut.result())
                 self.inflight -= 1
             queue.popleft()
             out.append(data)
@@ -313,8 +350,7 @@ class ClientProtocol(asyncio.Protocol):
         try:
             return handler(self, args)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one reply, never the server
-            log.exception("command %r failed", args[0][:64])
-            return error(f"ERR internal error: {type(exc).__name__}")
+            return _internal_error(args, exc)
 
     def _mark_busy(self, keys: list[bytes], fut: asyncio.Future[Any], readonly: bool) -> None:
         if readonly and len(keys) == 1:
@@ -404,9 +440,6 @@ class ClientProtocol(asyncio.Protocol):
         )
 
 
-_GET = frozenset((b"GET", b"get", b"Get"))
-
-
 def _same(reply: bytes) -> bytes:
     return reply
 
@@ -422,6 +455,11 @@ def unknown_command(args: list[bytes]) -> bytes:
 
 
 # ---- register commands -----------------------------------------------------------------------
+
+
+def _internal_error(args: list[bytes], exc: Exception) -> bytes:
+    log.exception("command %r failed", args[0][:64], exc_info=exc)
+    return error(f"ERR internal error: {type(exc).__name__}")
 
 
 def _failure_reply(outcome: Failed) -> bytes:

@@ -352,8 +352,14 @@ NIL3 = b"_\r\n"
 PONG = b"+PONG\r\n"
 
 
+_BULK_HEADS = [b"$%d\r\n" % n for n in range(1024)]
+
+
 def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
+    n = len(value)
+    if n < 1024:
+        return _BULK_HEADS[n] + value + b"\r\n"
+    return b"$%d\r\n%s\r\n" % (n, value)
 
 
 def error(text: str | bytes) -> bytes:

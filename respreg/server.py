@@ -593,7 +593,7 @@ class NodeServer:
     def chosen_value(self, key: bytes) -> bytes | None:
         """The value this node already knows is chosen for ``key`` (answerable from memory)."""
         assert self.core is not None
-        return self.core.chosen_value(key)
+        return self.core.chosen_cache.value(key)
 
     def write(
         self, key: bytes, value: bytes, deadline_ms: float | None = None
