@@ -197,20 +197,21 @@ class ClientProtocol(asyncio.Protocol):
                     try:
                         fut = srv.read(key)
                     except Exception as exc:  # noqa: BLE001 - as in _call
-                        out.append(_internal_error(args, exc))
-                        continue
-                    if fut.done():
+                        reply = _internal_error(args, exc)
+                    else:
+                        if not fut.done():
+                            self._mark_busy([key], fut, True)
+                            if not queue or queue[-1].fut is not fut:
+                                fut.add_done_callback(self._complete)
+                            queue.append(_Slot(None, fut))  # no formatter: a GET's (see _complete)
+                            self.inflight += 1
+                            continue
                         reply = _value_reply(self.nil(), fut.result())
-                        if queue:
-                            queue.append(_Slot(reply))
-                        else:
-                            out.append(reply)
-                        continue
-                    self._mark_busy([key], fut, True)
-                    if not queue or queue[-1].fut is not fut:
-                        fut.add_done_callback(self._complete)
-                    queue.append(_Slot(None, fut))  # no formatter: a GET's (see _complete)
-                    self.inflight += 1
+                    # In request order: behind any reply still waiting.
+                    if queue:
+                        queue.append(_Slot(reply))
+                    else:
+                        out.append(reply)
                     continue
                 result: bytes | Deferred = self._call_tracked(_read_get, args, args[1:], True)
             else:
