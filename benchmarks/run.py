@@ -128,12 +128,11 @@ class Runner:
         m = run_measured(purpose, argv, self.commands, timeout_s=300)
         if m.timed_out:
             raise RuntimeError(f"redis-benchmark did not finish within 300 s: {m.stderr[-500:]}")
-        if m.returncode != 0 or "Error from server" in m.stdout + m.stderr:
+        printed = m.stdout + m.stderr
+        if m.returncode != 0 or "Error from server" in printed:
             # The server's error first: the status keeps only the first line of this message.
-            said = [line for line in (m.stdout + m.stderr).splitlines() if line.startswith("Error from server")]
-            raise RuntimeError(
-                f"redis-benchmark failed (exit {m.returncode}): {(said or [''])[0]} {(m.stdout + m.stderr)[-800:]}"
-            )
+            said = [line for line in printed.splitlines() if line.startswith("Error from server")]
+            raise RuntimeError(f"redis-benchmark failed (exit {m.returncode}): {(said or [''])[0]} {printed[-800:]}")
         return m, parse_benchmark_csv(m.stdout)
 
     def bench_row(

@@ -181,64 +181,39 @@ class ClientProtocol(asyncio.Protocol):
                 self.last_cmd = "get"
                 key = args[1]
                 known = chosen.value(key)
+                result: bytes | Deferred
                 if known is not None:
                     # A value known to be chosen never changes, so memory answers it.
-                    reply = bulk(known)
-                    if queue:
-                        queue.append(_Slot(reply))
-                    else:
-                        out.append(reply)
-                        out_size += len(reply)
-                        if out_size >= _WRITE_CHUNK:
-                            out_size = self._write_out(out)
-                    continue
-                if len(key) <= self._max_key_bytes and self.budget_ms is None:
+                    result = bulk(known)
+                elif len(key) <= self._max_key_bytes and self.budget_ms is None:
                     # A linearizable read (_read_get); many share one operation (NodeServer.read).
                     try:
                         fut = srv.read(key)
                     except Exception as exc:  # noqa: BLE001 - as in _call
-                        reply = _internal_error(args, exc)
+                        result = _internal_error(args, exc)
                     else:
                         if not fut.done():
                             self._mark_busy([key], fut, True)
-                            if not queue or queue[-1].fut is not fut:
-                                fut.add_done_callback(self._complete)
-                            queue.append(_Slot(None, fut))  # no formatter: a GET's (see _complete)
-                            self.inflight += 1
+                            self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
                             continue
-                        reply = _value_reply(self.nil(), fut.result())
-                    # In request order: behind any reply still waiting.
-                    if queue:
-                        queue.append(_Slot(reply))
-                    else:
-                        out.append(reply)
-                    continue
-                result: bytes | Deferred = self._call_tracked(_read_get, args, args[1:], True)
+                        result = _value_reply(self.nil(), fut.result())
+                else:
+                    result = self._call_tracked(_read_get, args, args[1:], True)
             else:
                 result = self._dispatch(args)
-            if isinstance(result, bytes):
-                if queue:
-                    queue.append(_Slot(result))
-                else:
-                    out.append(result)
-                    out_size += len(result)
-                    if out_size >= _WRITE_CHUNK:
-                        out_size = self._write_out(out)
-                continue
-            fut, fmt = result
-            if fut.done():
-                reply = fmt(fut.result())
-                if queue:
-                    queue.append(_Slot(reply))
-                else:
-                    out.append(reply)
-                continue
-            # One callback per operation and connection is enough: it drains every reply at the
-            # head of the queue whose operation is done (reads of one key share operations).
-            if not queue or queue[-1].fut is not fut:
-                fut.add_done_callback(self._complete)
-            queue.append(_Slot(None, fut, fmt))
-            self.inflight += 1
+            if not isinstance(result, bytes):
+                op, fmt = result
+                if not op.done():
+                    self._wait_for(op, fmt)
+                    continue
+                result = fmt(op.result())
+            if queue:
+                queue.append(_Slot(result))
+            else:
+                out.append(result)
+                out_size += len(result)
+                if out_size >= _WRITE_CHUNK:
+                    out_size = self._write_out(out)
         srv_stats["total_commands_processed"] += processed
         if out and self.transport is not None and not self.closed:
             if self.closing:
@@ -253,6 +228,16 @@ class ClientProtocol(asyncio.Protocol):
             self._update_reading()
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
+
+    def _wait_for(self, fut: asyncio.Future[Any], fmt: Callable[[Any], bytes] | None) -> None:
+        """Queue the reply of an operation still running, in request order."""
+        queue = self.queue
+        # One callback per operation and connection is enough: it drains every reply at the
+        # head of the queue whose operation is done (reads of one key share operations).
+        if not queue or queue[-1].fut is not fut:
+            fut.add_done_callback(self._complete)
+        queue.append(_Slot(None, fut, fmt))
+        self.inflight += 1
 
     def _write_out(self, out: list[bytes]) -> int:
         """Hand a big batch of replies to the transport as it grows (if the client does not read,

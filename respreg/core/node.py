@@ -223,9 +223,8 @@ class NodeCore:
         # key -> chosen (proposal id, value), packed in one bytes object: nothing the cyclic
         # garbage collector scans (Proposal instances would all be scanned by every full pass).
         self._chosen = ChosenCache(self.config.chosen_cache_keys, self.config.chosen_cache_bytes)
-        #: The value of :meth:`chosen`, without building a Proposal (the GET hot path: one call).
-        self.chosen_value: Callable[[bytes], bytes | None] = self._chosen.value
-        #: The cache itself, for a driver's hot path (a direct call where the code is compiled).
+        #: The cache itself, for a driver's hot path: ``chosen_cache.value(key)`` is the value of
+        #: :meth:`chosen` without building a Proposal (a direct call where the code is compiled).
         self.chosen_cache = self._chosen
         self._on_learn = on_learn
         self._ops: dict[int, Proposer] = {}
