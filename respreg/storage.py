@@ -1,8 +1,8 @@
 """Durable storage for the node: one acceptor-state file per key, plus the node's own metadata.
 
 This module is the only place that reads or writes per-key files. Everything else asks
-:class:`KeyFiles` (blocking, for worker threads) or :class:`GroupCommitter` (asyncio front end
-that batches writes so many keys share one round of fsyncs).
+:class:`KeyFiles` (blocking) or :class:`GroupCommitter` (asyncio front end that batches writes
+so many keys share one round of fsyncs, and keeps the long waits for the disk off the loop).
 
 Layout of a data directory::
 
@@ -554,6 +554,59 @@ def _announced_size(data: bytes) -> int:
     return _HEADER.size + int(_HEADER.unpack_from(data, 0)[2])
 
 
+class StagedBatch:
+    """New states written to temp (or spare) files by :meth:`KeyFiles.stage`, made durable and
+    visible in three steps (the order of syncfs mode, docs/design.md):
+
+    1. :meth:`sync_data` (blocking: run it in a thread) makes the files' data durable with one
+       syncfs through a descriptor of one of them. An OSError here means nothing visible
+       changed.
+    2. :meth:`publish` renames every file onto its key's name, in order (cheap: no disk wait).
+    3. :meth:`sync_names` (blocking) makes the renames durable with a second syncfs, through the
+       keys directory. An error here, or in step 2 after a rename, is a DurabilityError.
+
+    :meth:`close` releases the descriptors and removes any file not renamed (a step failed or
+    was never run); call it in every case.
+    """
+
+    def __init__(self, names_fd: int) -> None:
+        #: (final name, temp or spare file) of every state, in the order they are renamed.
+        self.renames: list[tuple[str, str]] = []
+        self.data_fd = -1
+        self.names_fd = names_fd
+        self._renamed = 0
+
+    def sync_data(self) -> None:
+        assert _syncfs is not None and self.data_fd >= 0
+        _syncfs(self.data_fd)
+
+    def publish(self) -> None:
+        for final, tmp in self.renames:
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                if self._renamed == 0:
+                    raise
+                raise _not_durable(exc) from exc
+            self._renamed += 1
+
+    def sync_names(self) -> None:
+        assert _syncfs is not None and self._renamed == len(self.renames)
+        try:
+            _syncfs(self.names_fd)
+        except OSError as exc:
+            raise _not_durable(exc) from exc
+
+    def close(self) -> None:
+        for _, left in self.renames[self._renamed :]:
+            _unlink_quietly(left)
+        self._renamed = len(self.renames)
+        for fd in (self.data_fd, self.names_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.names_fd = -1
+
+
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
@@ -689,8 +742,14 @@ class KeyFiles:
         if not latest:
             return
         jobs = [(self._path_text(key), encode_state(key, state)) for key, state in latest.items()]
-        if self.sync == "syncfs" and len(jobs) >= SYNCFS_MIN_BATCH:
-            self._write_many_syncfs(jobs)
+        if self.stages(len(jobs)):
+            staged = self._stage(jobs)
+            try:
+                staged.sync_data()
+                staged.publish()
+                staged.sync_names()
+            finally:
+                staged.close()
             return
         leaves = list(dict.fromkeys(os.path.dirname(path) for path, _ in jobs))
         temps: dict[str, str] = {}
@@ -722,43 +781,45 @@ class KeyFiles:
         tmp = _temp_name(final)
         return _create(tmp), tmp
 
-    def _write_many_syncfs(self, jobs: list[tuple[str, bytes]]) -> None:
-        """write_many with two file-system syncs per batch in place of a fsync per file and per
-        directory: every new state is written to its temp (or spare) file, one syncfs makes them
-        all durable, then all are renamed into place and a second syncfs makes the renames durable.
+    def stages(self, distinct_keys: int) -> bool:
+        """Whether a batch of this many distinct keys is written in stages (syncfs mode, see
+        :meth:`stage`); smaller batches, and every batch in fsync mode, go to :meth:`write_many`."""
+        return self.sync == "syncfs" and distinct_keys >= SYNCFS_MIN_BATCH
 
-        The first sync is made through a descriptor of one of the batch's files and the second
-        through the keys directory, both opened before any of the batch's data was written:
-        syncfs reports a write-back error that happened after its descriptor was opened.
+    def stage(self, items: Sequence[tuple[bytes, AcceptorState]]) -> StagedBatch:
+        """Write every (key, state) (the last state of a key wins) to its temp or spare file,
+        neither durable nor visible yet, and return the batch, which the caller finishes with
+        :meth:`StagedBatch.sync_data`, :meth:`~StagedBatch.publish` and
+        :meth:`~StagedBatch.sync_names`, in that order, and always closes. Only for batches
+        that :meth:`stages`.
+
+        Made for the group committer, which runs the cheap steps (writes into the page cache,
+        renames) on its event loop, and only the two syncs in a thread: each system call a
+        thread makes gives up the interpreter lock, and a thread that gives it up hundreds of
+        times per batch waits for it as often behind a busy event loop.
         """
-        assert _syncfs is not None
+        latest: dict[bytes, AcceptorState] = {}
+        for key, state in items:
+            latest[key] = state
+        return self._stage([(self._path_text(key), encode_state(key, state)) for key, state in latest.items()])
+
+    def _stage(self, jobs: list[tuple[str, bytes]]) -> StagedBatch:
+        assert _syncfs is not None and self.stages(len(jobs))
         self.syncfs_batches += 1
-        root_fd = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Both descriptors the syncs go through are opened before any of the batch's data is
+        # written: syncfs reports the write-back errors that happened after that.
+        batch = StagedBatch(os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         try:
-            temps: list[tuple[str, str]] = []
-            first_fd = -1
-            try:
-                for final, data in jobs:
-                    fd, tmp = self._open_new(final)
-                    temps.append((final, tmp))
-                    if first_fd < 0:
-                        first_fd = os.dup(fd)
-                    _write_close(fd, data, fsync=False)
-                _syncfs(first_fd)
-            except BaseException:
-                for _, tmp in temps:
-                    _unlink_quietly(tmp)
-                raise
-            finally:
-                if first_fd >= 0:
-                    os.close(first_fd)
-            _rename_all(temps)
-            try:
-                _syncfs(root_fd)
-            except OSError as exc:
-                raise _not_durable(exc) from exc
-        finally:
-            os.close(root_fd)
+            for final, data in jobs:
+                fd, tmp = self._open_new(final)
+                batch.renames.append((final, tmp))
+                if batch.data_fd < 0:
+                    batch.data_fd = os.dup(fd)
+                _write_close(fd, data, fsync=False)
+        except BaseException:
+            batch.close()
+            raise
+        return batch
 
     def spares_ready(self) -> int:
         """Spare files ready for writes right now (see the module docstring)."""
@@ -796,12 +857,19 @@ class _Queued:
     callbacks: list[Callable[[BaseException | None], None]]
 
 
+_Batch = list[tuple[bytes, _Queued]]
+
+
 class GroupCommitter:
     """Batches concurrent writes so that they share fsyncs (group commit).
 
     All methods except the constructor must be called on ``loop``'s thread. While one batch is
     being written, new submissions queue up and form the next batch; a write to a key that is
     still queued (not yet started) replaces the queued state and keeps every callback.
+
+    A batch that :meth:`KeyFiles.stages` (syncfs mode) is written and renamed on the loop, and
+    only its two syncs run in the committer's thread (see :meth:`KeyFiles.stage` for why); any
+    other batch runs whole in that thread (:meth:`KeyFiles.write_many`).
 
     Counters for monitoring: ``batches`` (batches run), ``writes`` (key states written
     successfully), ``fsync_errors`` (batches that failed), ``coalesced`` (submissions merged
@@ -867,23 +935,52 @@ class GroupCommitter:
         batch = [(key, self._queue.pop(key)) for key in keys]
         self._inflight = len(batch)
         items = [(key, queued.state) for key, queued in batch]
+        if not self._files.stages(len(items)):
+            self._in_thread(partial(self._files.write_many, items), partial(self._batch_done, batch))
+            return
+        # A large batch in syncfs mode: the writes and renames on this loop, the syncs in the thread.
         try:
-            write = self._driver.submit(self._files.write_many, items)
+            staged = self._files.stage(items)
+        except Exception as exc:  # noqa: BLE001 - every write of the batch must hear how it ended
+            self._loop.call_soon(self._batch_done, batch, exc)
+            return
+        self._in_thread(staged.sync_data, partial(self._data_synced, batch, staged))
+
+    def _data_synced(self, batch: _Batch, staged: StagedBatch, error: BaseException | None) -> None:
+        if error is None:
+            try:
+                staged.publish()
+            except Exception as exc:  # noqa: BLE001 - as in _start_batch
+                error = exc
+            else:
+                self._in_thread(staged.sync_names, partial(self._names_synced, batch, staged))
+                return
+        staged.close()
+        self._batch_done(batch, error)
+
+    def _names_synced(self, batch: _Batch, staged: StagedBatch, error: BaseException | None) -> None:
+        staged.close()
+        self._batch_done(batch, error)
+
+    def _in_thread(self, fn: Callable[[], None], then: Callable[[BaseException | None], None]) -> None:
+        """Run ``fn`` in the driver thread, then ``then(its exception or None)`` on the loop."""
+        try:
+            work = self._driver.submit(fn)
         except RuntimeError as exc:  # the driver was shut down
-            self._batch_done(batch, exc)
+            self._loop.call_soon(then, exc)
             return
         # The thread's result comes back to the loop as one callback: no task, no extra wake-up.
-        write.add_done_callback(partial(self._written, batch))
+        work.add_done_callback(partial(self._hand_back, then))
 
-    def _written(self, batch: list[tuple[bytes, _Queued]], write: Future[None]) -> None:
+    def _hand_back(self, then: Callable[[BaseException | None], None], work: Future[None]) -> None:
         """In the driver thread: hand the outcome to the loop."""
-        error = asyncio.CancelledError() if write.cancelled() else write.exception()
+        error = asyncio.CancelledError() if work.cancelled() else work.exception()
         try:
-            self._loop.call_soon_threadsafe(self._batch_done, batch, error)
+            self._loop.call_soon_threadsafe(then, error)
         except RuntimeError:
             pass  # the loop is closed: nobody is left to tell
 
-    def _batch_done(self, batch: list[tuple[bytes, _Queued]], error: BaseException | None) -> None:
+    def _batch_done(self, batch: _Batch, error: BaseException | None) -> None:
         self.batches += 1
         if error is None:
             self.writes += len(batch)

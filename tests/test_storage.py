@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -495,6 +496,132 @@ def test_group_commit_failing_callback_does_not_block_others(tmp_path: Path, cap
         assert "callback failed" in caplog.text
     finally:
         kf.close()
+
+
+def _needs_syncfs() -> None:
+    if "syncfs" not in _sync_modes():
+        pytest.skip("this machine cannot use syncfs mode (it needs Linux 5.8 or later)")
+
+
+def _commit_all(files: KeyFiles, items: Sequence[tuple[bytes, AcceptorState]]) -> Outcome:
+    """Submit every item to a new GroupCommitter on a new loop; return each callback's outcome."""
+    outcomes: Outcome = []
+
+    async def main() -> None:
+        gc = GroupCommitter(files, asyncio.get_running_loop())
+        for key, state in items:
+            gc.submit(key, state, outcomes.append)
+        await gc.close()
+
+    asyncio.run(main())
+    assert len(outcomes) == len(items)
+    return outcomes
+
+
+def test_group_commit_in_syncfs_mode_writes_on_the_loop_and_only_syncs_in_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large batch in syncfs mode: the files are written and renamed by the loop's thread; the
+    commit thread makes only the two syncs (a thread making hundreds of system calls per batch
+    would wait for the interpreter lock after each of them behind a busy loop)."""
+    _needs_syncfs()
+    real_syncfs, real_replace, real_write = storage._syncfs, os.replace, os.write
+    assert real_syncfs is not None
+    threads: dict[str, set[str]] = {"syncfs": set(), "replace": set(), "write": set()}
+
+    def record(what: str) -> None:
+        threads[what].add(threading.current_thread().name)
+
+    def syncfs(fd: int) -> None:
+        record("syncfs")
+        real_syncfs(fd)
+
+    def replace(src: str, dst: str) -> None:
+        record("replace")
+        real_replace(src, dst)
+
+    def write(fd: int, data: bytes) -> int:
+        record("write")
+        return real_write(fd, data)
+
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=8)
+    items = [(b"staged-%d" % i, state_for(i)) for i in range(40)]
+    try:
+        monkeypatch.setattr(storage, "_syncfs", syncfs)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "write", write)
+        assert _commit_all(files, items) == [None] * len(items)
+        monkeypatch.undo()
+        loop_thread = threading.current_thread().name
+        assert threads["write"] == {loop_thread} and threads["replace"] == {loop_thread}, threads
+        assert len(threads["syncfs"]) == 1 and next(iter(threads["syncfs"])).startswith("respreg-commit"), threads
+        assert files.syncfs_batches == 1
+    finally:
+        monkeypatch.undo()
+        files.close()
+    reopened = KeyFiles(files.root)
+    try:
+        assert all(reopened.load(key) == state for key, state in items)
+        assert not list(reopened.root.rglob("*.tmp"))
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("failing", ["data", "names"])
+def test_group_commit_in_syncfs_mode_reports_a_failed_sync_to_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A failed first sync (the data) is a plain OSError and changes no visible file; a failed
+    second sync (the renames) is a DurabilityError. Either way every write of the batch hears it,
+    no temp file is left, and the next batch is written normally."""
+    _needs_syncfs()
+    real_syncfs = storage._syncfs
+    assert real_syncfs is not None
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == (1 if failing == "data" else 2):
+            raise OSError(errno.EIO, "syncfs: Input/output error")
+        real_syncfs(fd)
+
+    files = KeyFiles(tmp_path / "keys", sync="syncfs")
+    items = [(b"doomed-%d" % i, state_for(i)) for i in range(6)]
+    try:
+        monkeypatch.setattr(storage, "_syncfs", syncfs)
+        outcomes = _commit_all(files, items)
+        monkeypatch.undo()
+        assert all(isinstance(err, OSError) for err in outcomes), outcomes
+        durability = [isinstance(err, storage.DurabilityError) for err in outcomes]
+        assert durability == [failing == "names"] * len(items)
+        visible = [files.load(key) for key, _ in items]
+        assert visible == ([None] * len(items) if failing == "data" else [state for _, state in items])
+        assert not list(files.root.rglob("*.tmp"))
+        later = [(b"later-%d" % i, state_for(i)) for i in range(5)]
+        assert _commit_all(files, later) == [None] * len(later)
+        assert all(files.load(key) == state for key, state in later)
+    finally:
+        monkeypatch.undo()
+        files.close()
+
+
+@pytest.mark.parametrize("blocked_first", [True, False])
+def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blocked_first: bool) -> None:
+    """A rename that fails before any other of its batch is a plain OSError (nothing visible
+    changed); after one, a DurabilityError. The files not renamed are removed."""
+    _needs_syncfs()
+    files = KeyFiles(tmp_path / "keys", sync="syncfs")
+    _block_path_with_directory(files, b"blocked")
+    good = [(b"fine-%d" % i, state_for(i)) for i in range(5)]
+    items = [(b"blocked", SAMPLE), *good] if blocked_first else [*good, (b"blocked", SAMPLE)]
+    try:
+        outcomes = _commit_all(files, items)
+        assert all(isinstance(err, OSError) for err in outcomes), outcomes
+        assert all(isinstance(err, storage.DurabilityError) != blocked_first for err in outcomes), outcomes
+        assert [files.load(key) for key, _ in good] == ([None] * 5 if blocked_first else [s for _, s in good])
+        assert not list(files.root.rglob("*.tmp"))
+    finally:
+        files.close()
 
 
 # ---- node metadata ---------------------------------------------------------------------------
