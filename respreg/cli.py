@@ -35,9 +35,22 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--deadline-ms", type=float, default=3000.0, help="answer every request within this time (default 3000)"
     )
+    p.add_argument(
+        "--peer-timeout-ms",
+        type=float,
+        default=1000.0,
+        help="declare a peer down when its answers are this late; writes then fail fast (default 1000)",
+    )
     p.add_argument("--max-key-bytes", type=int, default=64 * 1024, help="longest key accepted (default 65536)")
     p.add_argument("--max-value-bytes", type=int, default=1024 * 1024, help="longest value accepted (default 1048576)")
     p.add_argument("--maxclients", type=int, default=10000, help="client connections accepted at once (default 10000)")
+    p.add_argument(
+        "--max-writes-in-flight",
+        type=int,
+        default=512,
+        help="client writes a node runs at once; more wait up to half their deadline to start (default 512; "
+        "see docs/operations.md)",
+    )
     p.add_argument(
         "--fast-writes",
         default="yes",
@@ -90,9 +103,11 @@ def serve(argv: Sequence[str]) -> int:
             peers=parse_peers(args.peers),
             cluster_secret=_read_secret(args, prog),
             deadline_ms=args.deadline_ms,
+            peer_timeout_ms=args.peer_timeout_ms,
             max_key_bytes=args.max_key_bytes,
             max_value_bytes=args.max_value_bytes,
             maxclients=args.maxclients,
+            max_writes_in_flight=args.max_writes_in_flight,
             fast_writes=args.fast_writes == "yes",
             sync_mode=args.sync,
         )
@@ -190,12 +205,16 @@ def cluster(argv: Sequence[str]) -> int:
             str(secret_file),
             "--deadline-ms",
             str(args.deadline_ms),
+            "--peer-timeout-ms",
+            str(args.peer_timeout_ms),
             "--max-key-bytes",
             str(args.max_key_bytes),
             "--max-value-bytes",
             str(args.max_value_bytes),
             "--maxclients",
             str(args.maxclients),
+            "--max-writes-in-flight",
+            str(args.max_writes_in_flight),
             "--fast-writes",
             args.fast_writes,
             "--sync",

@@ -39,6 +39,9 @@ class ServerConfig:
     maxclients: int = 10000
     #: Commands of one connection that may wait on Paxos at once before its reading pauses.
     max_inflight_per_client: int = 1024
+    #: Client writes a node runs at once; more wait to start, in arrival order, until their
+    #: deadline (docs/design.md, "Overload").
+    max_writes_in_flight: int = 512
     state_cache_keys: int = 50_000
     chosen_cache_keys: int = 2_000_000
     #: Bounds the memory of chosen values kept for local reads (entries counted with their
@@ -77,6 +80,8 @@ class ServerConfig:
             resolve_sync_mode(self.sync_mode)
         except ValueError as exc:
             raise ConfigError(f"--sync {self.sync_mode}: {exc}") from None
+        if self.max_writes_in_flight < 1:
+            raise ConfigError("--max-writes-in-flight must be at least 1")
         if self.deadline_ms <= 0 or self.attempt_timeout_ms <= 0 or self.peer_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
 

@@ -135,7 +135,15 @@ class NodeServer:
         self.maxclients = config.maxclients
         self._tasks: set[asyncio.Task[None]] = set()
         self._rebuild: asyncio.Task[None] | None = None
+        #: Client writes of this node that are running: started, not yet answered.
         self._write_ops: set[int] = set()
+        #: Client writes waiting to start while max_writes_in_flight run (docs/design.md,
+        #: "Overload"), in arrival order: op id -> (key, proposal, deadline, timer of the wait).
+        self._waiting_writes: dict[int, tuple[bytes, Proposal, float, asyncio.TimerHandle]] = {}
+        self._admit_scheduled = False
+        #: Writes that had to wait to start, and those that could not start in time (NOQUORUM).
+        self.writes_delayed = 0
+        self.writes_shed = 0
         self.chosen_log: ChosenLog | None = None
         #: Learned proposals not yet appended to the chosen log (held while it loads or is rewritten).
         self._learned: list[Record] = []
@@ -603,11 +611,50 @@ class NodeServer:
         op_id = self._new_op()
         pid = struct.pack(">HQQ", self.me, self.incarnation, op_id)
         fut = self._ops[op_id]
+        proposal = Proposal(pid, value)
+        if len(self._write_ops) < self.config.max_writes_in_flight and not self._waiting_writes:
+            self._start_write(op_id, key, proposal, deadline_ms)
+            return fut, pid
+        # Overload: wait, in arrival order, until a running write ends, for at most half the
+        # deadline, so that a write that starts has at least that half left to finish. Nothing
+        # was sent for one that could not start: it is definitely not written (NOQUORUM).
+        self.writes_delayed += 1
+        loop = self._loop
+        budget = (self.config.deadline_ms if deadline_ms is None else deadline_ms) / 1000
+        timer = loop.call_later(budget / 2, self._write_not_started, op_id)
+        self._waiting_writes[op_id] = (key, proposal, loop.time() + budget, timer)
+        return fut, pid
+
+    def _start_write(self, op_id: int, key: bytes, proposal: Proposal, deadline_ms: float | None) -> None:
+        assert self.core is not None
         self._write_ops.add(op_id)
         for nid, link in self.links.items():
             self.core.set_peer_up(nid, link.up)
-        self._apply(self.core.begin_write(op_id, key, Proposal(pid, value), deadline_ms))
-        return fut, pid
+        self._apply(self.core.begin_write(op_id, key, proposal, deadline_ms))
+
+    def _admit_writes(self) -> None:
+        """Start waiting writes, oldest first, while fewer than max_writes_in_flight run."""
+        self._admit_scheduled = False
+        waiting = self._waiting_writes
+        limit = self.config.max_writes_in_flight
+        while waiting and len(self._write_ops) < limit:
+            op_id = next(iter(waiting))
+            key, proposal, deadline, timer = waiting.pop(op_id)
+            timer.cancel()
+            self._start_write(op_id, key, proposal, (deadline - self._loop.time()) * 1000)
+
+    def _write_not_started(self, op_id: int) -> None:
+        waiting = self._waiting_writes.pop(op_id, None)
+        if waiting is None:
+            return
+        self.writes_shed += 1
+        fut = self._ops.pop(op_id, None)
+        if fut is not None and not fut.done():
+            reason = (
+                f"node overloaded: {len(self._write_ops)} writes running, this one could not start within "
+                "half its deadline; not attempted"
+            )
+            fut.set_result(Failed(Failure.NOQUORUM, reason))
 
     def read(self, key: bytes, deadline_ms: float | None = None) -> asyncio.Future[Outcome]:
         """Start a linearizable GET."""
@@ -699,7 +746,11 @@ class NodeServer:
                 timer[1].append((e.op_id, e.token))
             elif isinstance(e, OpDone):
                 fut = self._ops.pop(e.op_id, None)
-                self._write_ops.discard(e.op_id)
+                if e.op_id in self._write_ops:
+                    self._write_ops.discard(e.op_id)
+                    if self._waiting_writes and not self._admit_scheduled:
+                        self._admit_scheduled = True
+                        loop.call_soon(self._admit_writes)
                 if fut is not None and not fut.done():
                     fut.set_result(e.outcome)
             elif isinstance(e, Alarm):
@@ -726,6 +777,10 @@ class NodeServer:
             "quorum": len(self.config.peers) // 2 + 1,
             "peers_up": self.peers_up(),
             "ops_in_flight": self.core.ops_in_flight(),
+            "writes_running": len(self._write_ops),
+            "writes_waiting": len(self._waiting_writes),
+            "writes_delayed": self.writes_delayed,
+            "writes_shed": self.writes_shed,
             "cached_states": self.core.cached_states(),
             "cached_chosen": self.core.cached_chosen(),
             "alarms": self.alarms,
