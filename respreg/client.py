@@ -792,6 +792,8 @@ def config_values(c: ClientProtocol) -> dict[str, str]:
         "respreg-deadline-ms": f"{cfg.deadline_ms:g}",
         "respreg-max-key-bytes": str(cfg.max_key_bytes),
         "respreg-max-value-bytes": str(cfg.max_value_bytes),
+        "respreg-max-writes-in-flight": str(cfg.max_writes_in_flight),
+        "respreg-peer-timeout-ms": f"{cfg.peer_timeout_ms:g}",
     }
 
 

@@ -52,6 +52,8 @@ def _setonce(c: Cluster, key: str) -> object:
 
 def test_writes_beyond_the_limit_wait_and_start_as_running_ones_end(one_write_at_a_time: Cluster) -> None:
     c = one_write_at_a_time
+    settings = c.client(1).config_get("respreg-max-writes-in-flight", "respreg-peer-timeout-ms")
+    assert settings == {"respreg-max-writes-in-flight": "1", "respreg-peer-timeout-ms": str(3 * DEADLINE_MS)}
     c.kill(2, signal.SIGSTOP)
     c.kill(3, signal.SIGSTOP)  # the running write can reach no majority: it holds the one slot
     try:
