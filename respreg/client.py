@@ -193,7 +193,11 @@ class ClientProtocol(asyncio.Protocol):
                         result = _internal_error(args, exc)
                     else:
                         if not fut.done():
-                            self._mark_busy([key], fut, True)
+                            running = self.key_busy.get(key)
+                            if running is None or running[-1] is not fut:
+                                # (Otherwise this connection's previous read of the key shares
+                                # the operation, which is registered already: see _mark_busy.)
+                                self._mark_busy([key], fut, True)
                             self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
                             continue
                         result = _value_reply(self.nil(), fut.result())
@@ -254,16 +258,27 @@ class ClientProtocol(asyncio.Protocol):
             return
         queue = self.queue
         out = self._pending_out
+        # Reads of one key share an operation (NodeServer.read), often many in a row here:
+        # each GET of such a run gets the reply formatted for the first.
+        last_fut: asyncio.Future[Any] | None = None
+        last_reply = b""
         while queue:
             slot = queue[0]
             data = slot.data
             if data is None:
                 fut = slot.fut
                 assert fut is not None
-                if not fut.done():
-                    break
                 fmt = slot.fmt
-                data = _value_reply(self.nil(), fut.result()) if fmt is None else fmt(fut.result())
+                if fmt is None and fut is last_fut:
+                    data = last_reply
+                else:
+                    if not fut.done():
+                        break
+                    if fmt is None:
+                        data = last_reply = _value_reply(self.nil(), fut.result())
+                        last_fut = fut
+                    else:
+                        data = fmt(fut.result())
                 self.inflight -= 1
             queue.popleft()
             out.append(data)
