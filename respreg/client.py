@@ -45,9 +45,10 @@ log = logging.getLogger("respreg.client")
 
 class _Slot:
     """A reply in request order: its bytes, or the operation it waits for and its formatter
-    (None for a GET's, the one the hot path calls without a Python-level call)."""
+    (None for a GET's, the one the hot path calls without a Python-level call); ``count`` GETs
+    in a row that share one operation (NodeServer.read) share one slot and get one reply each."""
 
-    __slots__ = ("data", "fut", "fmt")
+    __slots__ = ("data", "fut", "fmt", "count")
 
     def __init__(
         self, data: bytes | None, fut: asyncio.Future[Any] | None = None, fmt: Callable[[Any], bytes] | None = None
@@ -55,6 +56,7 @@ class _Slot:
         self.data = data
         self.fut = fut
         self.fmt = fmt
+        self.count = 1
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -236,12 +238,20 @@ class ClientProtocol(asyncio.Protocol):
     def _wait_for(self, fut: asyncio.Future[Any], fmt: Callable[[Any], bytes] | None) -> None:
         """Queue the reply of an operation still running, in request order."""
         queue = self.queue
+        self.inflight += 1
         # One callback per operation and connection is enough: it drains every reply at the
         # head of the queue whose operation is done (reads of one key share operations).
-        if not queue or queue[-1].fut is not fut:
+        if queue:
+            tail = queue[-1]
+            if tail.fut is fut:
+                if fmt is None and tail.fmt is None:
+                    tail.count += 1  # another GET sharing the operation: the same reply again
+                    return
+            else:
+                fut.add_done_callback(self._complete)
+        else:
             fut.add_done_callback(self._complete)
         queue.append(_Slot(None, fut, fmt))
-        self.inflight += 1
 
     def _write_out(self, out: list[bytes]) -> int:
         """Hand a big batch of replies to the transport as it grows (if the client does not read,
@@ -258,8 +268,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         queue = self.queue
         out = self._pending_out
-        # Reads of one key share an operation (NodeServer.read), often many in a row here:
-        # each GET of such a run gets the reply formatted for the first.
+        # Reads of one key share an operation (NodeServer.read): GETs in a row share a slot,
+        # and GETs of one operation separated by other replies get the reply formatted once.
         last_fut: asyncio.Future[Any] | None = None
         last_reply = b""
         while queue:
@@ -279,9 +289,12 @@ class ClientProtocol(asyncio.Protocol):
                         last_fut = fut
                     else:
                         data = fmt(fut.result())
-                self.inflight -= 1
+                self.inflight -= slot.count
             queue.popleft()
-            out.append(data)
+            if slot.count == 1:
+                out.append(data)
+            else:
+                out.extend([data] * slot.count)
         if not self._flush_scheduled:
             # Many operations finish in one event-loop iteration (a shared read round, a group
             # commit): their replies leave in one write, after that iteration's callbacks ran.

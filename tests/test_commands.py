@@ -226,6 +226,30 @@ def test_pipelined_reads_before_a_write_of_the_key_answer_nil(cluster: Cluster) 
         assert got == [None] * 20 + [b"OK"] + [f"v{k}".encode()] * 3, (k, got)
 
 
+def test_pipelined_gets_of_missing_keys_between_other_replies_answer_each_in_order(
+    cluster: Cluster, protocol: int
+) -> None:
+    """Runs of GETs that share one read operation, broken up by other commands and by GETs of
+    another key, each get their own reply, in request order (RESP2 and RESP3 nils differ)."""
+    c = cluster.client(1, protocol=protocol)
+    c.execute_command("SETONCE", "runs:known", "v")
+    pipe = c.pipeline(transaction=False)
+    expected: list[object] = []
+    for round_ in range(30):
+        for _ in range(round_ % 7 + 1):
+            pipe.get("runs:missing")
+            expected.append(None)
+        if round_ % 3 == 0:
+            pipe.ping()
+            expected.append(True)
+        if round_ % 4 == 1:
+            pipe.get("runs:other")
+            expected.append(None)
+        pipe.get("runs:known")
+        expected.append(b"v")
+    assert pipe.execute() == expected
+
+
 def test_pipelined_commands_answer_in_order(cluster: Cluster, protocol: int) -> None:
     c = cluster.client(3, protocol=protocol)
     pipe = c.pipeline(transaction=False)
