@@ -344,7 +344,7 @@ class NodeServer:
             for op_id in stale:
                 fut = self._ops.pop(op_id)
                 was_write = op_id in self._write_ops
-                self._write_ops.discard(op_id)
+                self._write_ended(op_id)
                 if not fut.done():
                     log.error("BUG: operation %d outlived its deadline; answering it with an error", op_id)
                     # A write may have been sent for acceptance; a read has no effect either way.
@@ -632,6 +632,14 @@ class NodeServer:
             self.core.set_peer_up(nid, link.up)
         self._apply(self.core.begin_write(op_id, key, proposal, deadline_ms))
 
+    def _write_ended(self, op_id: int) -> None:
+        """Operation ``op_id`` ended; if it was a running write, a waiting one may start."""
+        if op_id in self._write_ops:
+            self._write_ops.discard(op_id)
+            if self._waiting_writes and not self._admit_scheduled:
+                self._admit_scheduled = True
+                self._loop.call_soon(self._admit_writes)
+
     def _admit_writes(self) -> None:
         """Start waiting writes, oldest first, while fewer than max_writes_in_flight run."""
         self._admit_scheduled = False
@@ -746,11 +754,7 @@ class NodeServer:
                 timer[1].append((e.op_id, e.token))
             elif isinstance(e, OpDone):
                 fut = self._ops.pop(e.op_id, None)
-                if e.op_id in self._write_ops:
-                    self._write_ops.discard(e.op_id)
-                    if self._waiting_writes and not self._admit_scheduled:
-                        self._admit_scheduled = True
-                        loop.call_soon(self._admit_writes)
+                self._write_ended(e.op_id)
                 if fut is not None and not fut.done():
                     fut.set_result(e.outcome)
             elif isinstance(e, Alarm):
