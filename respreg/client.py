@@ -268,27 +268,16 @@ class ClientProtocol(asyncio.Protocol):
             return
         queue = self.queue
         out = self._pending_out
-        # Reads of one key share an operation (NodeServer.read): GETs in a row share a slot,
-        # and GETs of one operation separated by other replies get the reply formatted once.
-        last_fut: asyncio.Future[Any] | None = None
-        last_reply = b""
         while queue:
             slot = queue[0]
             data = slot.data
             if data is None:
                 fut = slot.fut
                 assert fut is not None
+                if not fut.done():
+                    break
                 fmt = slot.fmt
-                if fmt is None and fut is last_fut:
-                    data = last_reply
-                else:
-                    if not fut.done():
-                        break
-                    if fmt is None:
-                        data = last_reply = _value_reply(self.nil(), fut.result())
-                        last_fut = fut
-                    else:
-                        data = fmt(fut.result())
+                data = _value_reply(self.nil(), fut.result()) if fmt is None else fmt(fut.result())
                 self.inflight -= slot.count
             queue.popleft()
             if slot.count == 1:

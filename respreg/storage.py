@@ -574,33 +574,31 @@ class StagedBatch:
         self.renames: list[tuple[str, str]] = []
         self.data_fd = -1
         self.names_fd = names_fd
-        self._renamed = 0
+        #: The temp files are no longer ours to remove: renamed, or removed by a failed publish.
+        self._published = False
 
     def sync_data(self) -> None:
         assert _syncfs is not None and self.data_fd >= 0
         _syncfs(self.data_fd)
 
     def publish(self) -> None:
-        for final, tmp in self.renames:
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
-                if self._renamed == 0:
-                    raise
-                raise _not_durable(exc) from exc
-            self._renamed += 1
+        try:
+            _rename_all(self.renames)
+        finally:
+            self._published = True
 
     def sync_names(self) -> None:
-        assert _syncfs is not None and self._renamed == len(self.renames)
+        assert _syncfs is not None and self._published
         try:
             _syncfs(self.names_fd)
         except OSError as exc:
             raise _not_durable(exc) from exc
 
     def close(self) -> None:
-        for _, left in self.renames[self._renamed :]:
-            _unlink_quietly(left)
-        self._renamed = len(self.renames)
+        if not self._published:
+            for _, left in self.renames:
+                _unlink_quietly(left)
+            self._published = True
         for fd in (self.data_fd, self.names_fd):
             if fd >= 0:
                 os.close(fd)
@@ -736,12 +734,9 @@ class KeyFiles:
         A failure in the first step leaves every visible file as it was and raises OSError; a
         failure after a rename raises :class:`DurabilityError`.
         """
-        latest: dict[bytes, AcceptorState] = {}
-        for key, state in items:
-            latest[key] = state
-        if not latest:
+        jobs = self._jobs(items)
+        if not jobs:
             return
-        jobs = [(self._path_text(key), encode_state(key, state)) for key, state in latest.items()]
         if self.stages(len(jobs)):
             staged = self._stage(jobs)
             try:
@@ -798,10 +793,14 @@ class KeyFiles:
         thread makes gives up the interpreter lock, and a thread that gives it up hundreds of
         times per batch waits for it as often behind a busy event loop.
         """
+        return self._stage(self._jobs(items))
+
+    def _jobs(self, items: Sequence[tuple[bytes, AcceptorState]]) -> list[tuple[str, bytes]]:
+        """(file, encoded state) of each key's last state in ``items``, in first-seen key order."""
         latest: dict[bytes, AcceptorState] = {}
         for key, state in items:
             latest[key] = state
-        return self._stage([(self._path_text(key), encode_state(key, state)) for key, state in latest.items()])
+        return [(self._path_text(key), encode_state(key, state)) for key, state in latest.items()]
 
     def _stage(self, jobs: list[tuple[str, bytes]]) -> StagedBatch:
         assert _syncfs is not None and self.stages(len(jobs))
