@@ -39,8 +39,8 @@ class ServerConfig:
     maxclients: int = 10000
     #: Commands of one connection that may wait on Paxos at once before its reading pauses.
     max_inflight_per_client: int = 1024
-    #: Client writes a node runs at once; more wait to start, in arrival order, until their
-    #: deadline (docs/design.md, "Overload").
+    #: Client writes a node runs at once; more wait to start, in arrival order, for at most half
+    #: their deadline (docs/design.md, "Overload").
     max_writes_in_flight: int = 512
     state_cache_keys: int = 50_000
     chosen_cache_keys: int = 2_000_000
