@@ -23,6 +23,7 @@ COMPILED = [
     "respreg/client.py",
     "respreg/commands.py",
     "respreg/config.py",
+    "respreg/keyindex.py",
     "respreg/peer.py",
     "respreg/resp.py",
     "respreg/server.py",

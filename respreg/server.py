@@ -133,6 +133,7 @@ class NodeServer:
         self._disk_failed: str | None = None
         self._peer_conns: set[PeerServerProtocol] = set()
         self.maxclients = config.maxclients
+        self._hold_spares_open = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._rebuild: asyncio.Task[None] | None = None
         #: Client writes of this node that are running: started, not yet answered.
@@ -160,7 +161,8 @@ class NodeServer:
         n = len(cfg.peers)
         reserve = 32 + (8 * n + 16) + n + 2 * cfg.fsync_threads
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = cfg.maxclients + reserve
+        # Spare files are held open when the limit leaves room for them too (see KeyFiles).
+        want = cfg.maxclients + reserve + SPARES_KEPT
         if soft < want:
             target = want if hard == resource.RLIM_INFINITY else min(want, hard)
             try:
@@ -169,6 +171,7 @@ class NodeServer:
                 pass
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.maxclients = max(1, min(cfg.maxclients, soft - reserve))
+        self._hold_spares_open = soft - reserve - self.maxclients >= SPARES_KEPT
         if self.maxclients < cfg.maxclients:
             log.warning(
                 "maxclients lowered from %d to %d: the open-file limit is %d and %d descriptors are kept for "
@@ -188,8 +191,16 @@ class NodeServer:
         self.incarnation = self._handle.incarnation
         self.status = self._handle.status
         self._peer_identities = load_peer_identities(cfg.data_dir)
-        # This process holds the data directory's lock: it alone may use the spare files.
-        self._files = KeyFiles(self._handle.keys_dir, workers=cfg.fsync_threads, spares=SPARES_KEPT, sync=cfg.sync_mode)
+        # This process holds the data directory's lock: it alone may use the spare files, and
+        # it sees every key file created, so it may keep their names in memory.
+        self._files = KeyFiles(
+            self._handle.keys_dir,
+            workers=cfg.fsync_threads,
+            spares=SPARES_KEPT,
+            hold_spares_open=self._hold_spares_open,
+            sync=cfg.sync_mode,
+            index=True,
+        )
         self.committer = GroupCommitter(self._files, loop)
         node_config = NodeConfig(
             proposer=ProposerConfig(attempt_timeout_ms=cfg.attempt_timeout_ms, deadline_ms=cfg.deadline_ms),
@@ -765,6 +776,12 @@ class NodeServer:
 
     # ---- introspection -----------------------------------------------------------------------
 
+    def _key_index_status(self) -> str:
+        known = self._files.known if self._files is not None else None
+        if known is None:
+            return "off"
+        return "ready" if known.complete else ("failed" if known.failed is not None else "listing")
+
     def peers_up(self) -> int:
         return sum(1 for link in self.links.values() if link.up)
 
@@ -800,6 +817,7 @@ class NodeServer:
             "sync_mode": self._files.sync if self._files is not None else "",
             "syncfs_batches": self._files.syncfs_batches if self._files is not None else 0,
             "spare_files_ready": self._files.spares_ready() if self._files is not None else 0,
+            "key_index": self._key_index_status(),
             "chosen_log_loaded": int(clog is not None and clog.loaded),
             "chosen_log_records": clog.records if clog is not None else 0,
             "chosen_log_bytes": clog.size if clog is not None else 0,

@@ -111,6 +111,7 @@ from types import TracebackType
 from typing import Self, TypeVar
 
 from respreg.core.types import AcceptorState, Ballot, Proposal
+from respreg.keyindex import KnownNames
 
 __all__ = [
     "CorruptStateError",
@@ -469,24 +470,32 @@ class _Spares:
     :meth:`take` hands one out (or None when none is ready); the thread tops the stock up to
     ``kept`` whenever it falls below half of that. Creation errors (a full disk) only leave the
     stock empty for a while: writes then create their own temp files as before.
+
+    With ``hold_open`` the thread keeps each file it creates open for writing, so that a write
+    needs no ``open`` (nor the checks of :func:`_open_spare`: the descriptor is the file this
+    process created, and only this process renames spares); that holds up to ``kept``
+    descriptors. Spares left by an earlier process are handed out by name only.
     """
 
-    def __init__(self, directory: Path, kept: int) -> None:
+    def __init__(self, directory: Path, kept: int, *, hold_open: bool = False) -> None:
         self.directory = directory
         self._text = str(directory)
         self._kept = kept
+        self._hold_open = hold_open
         self._lock = threading.Lock()
-        self._ready: list[str] = []
+        #: (name, descriptor open for writing, or -1 if only the name is held)
+        self._ready: list[tuple[str, int]] = []
         self._wanted = threading.Event()
         self._stop = False
         _makedirs_durably(directory)
         # Reuse what an earlier process left (names of our own tag cannot be among them).
-        self._ready = [os.path.join(self._text, n) for n in os.listdir(directory) if n.endswith(".spare")]
+        self._ready = [(os.path.join(self._text, n), -1) for n in os.listdir(directory) if n.endswith(".spare")]
         self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
         self._wanted.set()
         self._thread.start()
 
-    def take(self) -> str | None:
+    def take(self) -> tuple[str, int] | None:
+        """A spare: its name and an open descriptor, or -1 for the caller to open the name."""
         with self._lock:
             spare = self._ready.pop() if self._ready else None
             low = len(self._ready) < self._kept // 2
@@ -502,6 +511,11 @@ class _Spares:
         self._stop = True
         self._wanted.set()
         self._thread.join(timeout=5)
+        with self._lock:
+            held, self._ready = self._ready, []
+        for _, fd in held:
+            if fd >= 0:
+                os.close(fd)
 
     def _fill(self) -> None:
         numbers = itertools.count()
@@ -513,13 +527,16 @@ class _Spares:
             while not self._stop and self.ready() < self._kept:
                 name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
                 try:
-                    os.close(_create(name))
+                    fd = _create(name)
+                    if not self._hold_open:
+                        os.close(fd)
+                        fd = -1
                 except OSError:
                     # A full or failing disk: try again a second later, when a write asks.
                     time.sleep(1.0)
                     break
                 with self._lock:
-                    self._ready.append(name)
+                    self._ready.append((name, fd))
 
 
 def _open_spare(spare: str) -> int | None:
@@ -608,10 +625,22 @@ class StagedBatch:
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
-    def __init__(self, root: Path, *, workers: int = 8, spares: int = 0, sync: str = "fsync") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 8,
+        spares: int = 0,
+        hold_spares_open: bool = False,
+        sync: str = "fsync",
+        index: bool = False,
+    ) -> None:
         """``workers`` threads fsync files in parallel; ``spares`` empty files are kept ready for
-        writes (only for the process holding the data directory's lock); ``sync`` is how a batch
-        is made durable: "fsync", "syncfs" or "auto" (see :func:`resolve_sync_mode`)."""
+        writes (held open with ``hold_spares_open``: that many more descriptors, see
+        :class:`_Spares`), and ``index`` keeps the names of the files that may exist in memory
+        (see :class:`KnownNames`): these three only for the process holding the data
+        directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs" or "auto"
+        (see :func:`resolve_sync_mode`)."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         #: "fsync" or "syncfs" (see :func:`resolve_sync_mode`).
@@ -628,7 +657,7 @@ class KeyFiles:
         self._root_text = str(self.root)
         # Spare files only for the one process that owns the directory (it holds the LOCK): two
         # processes taking the same spare would write into one file.
-        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares) if spares > 0 else None
+        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares, hold_open=hold_spares_open) if spares > 0 else None
         # The marker says the store has its one-level layout: start-up then costs the same
         # with a million keys as with none. Without it (a new store, or one written by 0.1), the
         # directories are created and old files moved up before the marker is written.
@@ -638,6 +667,8 @@ class KeyFiles:
             self._migrate_two_level_layout()
             _replace_durably(marker, b"respreg key layout 2: keys/<hex[0:2]>/<hex>\n")
             _fsync_dir(self.root)
+        # Listed after the layout is final; None: every load opens its file.
+        self.known: KnownNames | None = KnownNames(self._root_text) if index else None
 
     def _create_fan_out(self) -> None:
         """Create the 256 directories (fsyncing the root once if any was missing)."""
@@ -679,12 +710,22 @@ class KeyFiles:
         name = hashlib.blake2b(key, digest_size=16).hexdigest()
         return f"{self._root_text}/{name[0:2]}/{name}"
 
+    def _path_to_write(self, key: bytes) -> str:
+        """The file of ``key``, whose name is known to exist from now on (see KnownNames)."""
+        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        if self.known is not None:
+            self.known.add(int(name, 16))
+        return f"{self._root_text}/{name[0:2]}/{name}"
+
     def load(self, key: bytes) -> AcceptorState | None:
         """Return the stored state of ``key``, or None if the key was never written.
 
         Raises CorruptStateError if the file is invalid; other I/O errors propagate as OSError.
         """
-        path = self._path_text(key)
+        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        if self.known is not None and not self.known.may_exist(int(name, 16)):
+            return None  # never written: no file to open
+        path = f"{self._root_text}/{name[0:2]}/{name}"
         try:
             fd = os.open(path, self._read_flags)
         except FileNotFoundError:
@@ -768,9 +809,10 @@ class KeyFiles:
     def _open_new(self, final: str) -> tuple[int, str]:
         """A descriptor (for writing) and the path of the file that will become ``final``: a
         spare file if one is ready, else a new temp file next to ``final``."""
-        spare = self._spares.take() if self._spares is not None else None
-        if spare is not None:
-            fd = _open_spare(spare)
+        taken = self._spares.take() if self._spares is not None else None
+        if taken is not None:
+            spare, held = taken
+            fd = held if held >= 0 else _open_spare(spare)
             if fd is not None:
                 return fd, spare
         tmp = _temp_name(final)
@@ -800,7 +842,7 @@ class KeyFiles:
         latest: dict[bytes, AcceptorState] = {}
         for key, state in items:
             latest[key] = state
-        return [(self._path_text(key), encode_state(key, state)) for key, state in latest.items()]
+        return [(self._path_to_write(key), encode_state(key, state)) for key, state in latest.items()]
 
     def _stage(self, jobs: list[tuple[str, bytes]]) -> StagedBatch:
         assert _syncfs is not None and self.stages(len(jobs))

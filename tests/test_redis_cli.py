@@ -155,7 +155,7 @@ def test_info_paxos(shared: Cluster) -> None:
     assert "quorum:2" in out(shared.node(2).port, "INFO").decode().splitlines()
 
 
-def test_info_persistence_counts_writes_and_spare_files(shared: Cluster) -> None:
+def test_info_persistence_counts_writes_spare_files_and_the_name_index(shared: Cluster) -> None:
     p = shared.node(1).port
     assert out(p, "SETONCE", "cli:persisted", "v") in (b"OK\n", b"\n")
 
@@ -164,12 +164,13 @@ def test_info_persistence_counts_writes_and_spare_files(shared: Cluster) -> None
         assert lines[0] == "# Persistence"
         return dict(line.split(":", 1) for line in lines[1:] if ":" in line)
 
-    for _ in range(200):  # the spare files are made in the background: a bound against hangs only
+    for _ in range(200):  # spares and the name index are made in the background: a bound only
         now = fields()
-        if int(now["spare_files_ready"]) > 0:
+        if int(now["spare_files_ready"]) > 0 and now["key_index"] == "ready":
             break
         time.sleep(0.05)
     assert int(now["spare_files_ready"]) > 0
+    assert now["key_index"] == "ready"
     assert int(now["fsync_errors"]) == 0 and "group_commit_writes" in now
     assert now["sync_mode"] == resolve_sync_mode("auto")  # the cluster runs with the default
 

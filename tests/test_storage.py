@@ -776,10 +776,11 @@ def _wait_spares(files: KeyFiles, at_least: int) -> None:
     raise AssertionError(f"only {files.spares_ready()} spare files became ready")
 
 
-def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str) -> None:
+@pytest.mark.parametrize("hold", [False, True], ids=["names", "held-open"])
+def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str, hold: bool) -> None:
     # 32 kept: taking 10 leaves more than half, so no refill runs during the batch (a refill
     # could hand out a spare created after the listing below).
-    files = KeyFiles(tmp_path / "keys", spares=32, sync=sync)
+    files = KeyFiles(tmp_path / "keys", spares=32, sync=sync, hold_spares_open=hold)
     try:
         _wait_spares(files, 32)
         spare_dir = files.root / SPARE_DIR_NAME
@@ -822,16 +823,44 @@ def test_only_a_store_opened_with_spares_touches_the_spare_files(tmp_path: Path)
         owner.close()
 
 
-def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hold", [False, True], ids=["names", "held-open"])
+def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path, hold: bool) -> None:
     root = tmp_path / "keys"
-    files = KeyFiles(root, spares=16)
+    files = KeyFiles(root, spares=16, hold_spares_open=hold)
     _wait_spares(files, 16)
     files.close()
     for _ in range(3):
-        again = KeyFiles(root, spares=16)
+        again = KeyFiles(root, spares=16, hold_spares_open=hold)
         _wait_spares(again, 16)
         again.close()
     assert len(list((root / SPARE_DIR_NAME).iterdir())) == 16
+    # The ones left behind are handed out by name, and written through like any other.
+    last = KeyFiles(root, spares=16, hold_spares_open=hold)
+    try:
+        items = [(b"reused:%d" % i, state_for(i)) for i in range(4)]
+        last.write_many(items)
+        assert all(last.load(key) == state for key, state in items)
+    finally:
+        last.close()
+    assert len(list((root / SPARE_DIR_NAME).iterdir())) <= 16
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count descriptors")
+def test_spares_held_open_are_closed_with_the_store(tmp_path: Path) -> None:
+    before = _open_fds()
+    files = KeyFiles(tmp_path / "keys", spares=16, hold_spares_open=True)
+    try:
+        _wait_spares(files, 16)
+        assert _open_fds() >= before + 16, "each spare made by this store is held open"
+        files.write_many([(b"held:%d" % i, state_for(i)) for i in range(5)])
+        assert all(files.load(b"held:%d" % i) == state_for(i) for i in range(5))
+    finally:
+        files.close()
+    assert _open_fds() == before
 
 
 def test_a_spare_name_that_is_a_second_link_to_a_key_file_is_never_written_through(tmp_path: Path) -> None:
@@ -904,3 +933,92 @@ def test_syncfs_mode_syncs_the_file_system_twice_per_batch_and_fsyncs_nothing(
         assert all(reopened.load(key) == state for key, state in batch)
     finally:
         reopened.close()
+
+
+# ---- the name index (KeyFiles(index=True)) ----------------------------------------------------
+
+
+def _counting_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every os.open from here on (the store's own calls included)."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    return opened
+
+
+def test_the_name_index_answers_never_written_keys_without_opening_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "keys"
+    earlier = KeyFiles(root)
+    old = [(b"old:%d" % i, state_for(i)) for i in range(300)]
+    earlier.write_many(old)
+    earlier.close()
+    files = KeyFiles(root, index=True)
+    try:
+        assert files.known is not None and files.known.wait(30), files.known and files.known.failed
+        opened = _counting_opens(monkeypatch)
+        assert all(files.load(key) == state for key, state in old), "files listed at start are read"
+        assert len(opened) == len(old)
+        opened.clear()
+        assert [files.load(b"fresh:%d" % i) for i in range(1000)] == [None] * 1000
+        # 300 names set at most 900 of 16,777,216 bits: a false "may exist" is all but impossible.
+        assert opened == [], "a key never written needs no open"
+        files.write_many([(b"fresh:7", SAMPLE)])
+        assert files.load(b"fresh:7") == SAMPLE, "a key written since the listing is read from its file"
+    finally:
+        files.close()
+
+
+def test_keys_written_while_the_names_are_listed_are_never_reported_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing runs in a thread while the node already serves: a file created after its
+    directory was listed must still be found once the index is in use."""
+    root = tmp_path / "keys"
+    before = KeyFiles(root)
+    before.write_many([(b"before", SAMPLE)])
+    before.close()
+    started = threading.Event()
+    release = threading.Event()
+    real_listdir = os.listdir
+
+    def held_listdir(path: str) -> list[str]:
+        if threading.current_thread().name == "respreg-names" and not release.is_set():
+            started.set()
+            assert release.wait(30), "the test never let the listing go on"
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", held_listdir)
+    files = KeyFiles(root, index=True)
+    try:
+        assert started.wait(30)
+        assert files.known is not None and not files.known.complete
+        assert files.load(b"before") == SAMPLE, "until the listing is done, every load opens its file"
+        during = [(b"during:%d" % i, state_for(i)) for i in range(50)]
+        files.write_many(during)
+        release.set()
+        assert files.known.wait(30)
+        assert files.load(b"before") == SAMPLE
+        assert all(files.load(key) == state for key, state in during)
+        assert files.load(b"never") is None
+    finally:
+        release.set()
+        files.close()
+
+
+def test_a_store_without_the_index_opens_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tools and tests open a store without the index: another process may create its files."""
+    files = KeyFiles(tmp_path / "keys")
+    try:
+        assert files.known is None
+        opened = _counting_opens(monkeypatch)
+        assert files.load(b"absent") is None
+        assert opened == [str(files.path_for(b"absent"))]
+    finally:
+        files.close()
