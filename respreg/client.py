@@ -39,6 +39,11 @@ Handler = Callable[["ClientProtocol", list[bytes]], "bytes | Deferred"]
 REDIS_COMPAT_VERSION = "7.0.0"
 #: Ready replies of one packet are handed to the transport whenever this many bytes collect.
 _WRITE_CHUNK = 64 * 1024
+#: The GET replies of chosen values a node keeps formatted (NodeServer.get_replies): at most this
+#: many, each with its key at most _REPLY_CACHED_BYTES long (so at most about 4 MiB in all);
+#: when full it is emptied and fills again with the keys read since.
+REPLY_CACHE_KEYS = 4096
+_REPLY_CACHED_BYTES = 1024
 
 log = logging.getLogger("respreg.client")
 
@@ -66,6 +71,7 @@ class ClientProtocol(asyncio.Protocol):
         assert server.core is not None, "clients are served only once the node has started"
         #: The GET hot path's cache (see _process).
         self._chosen = server.core.chosen_cache
+        self._replies = server.get_replies
         self._max_key_bytes = cfg.max_key_bytes
         self.parser = RequestParser(max_bulk=cfg.proto_max_bulk_len)
         self.max_inflight = cfg.max_inflight_per_client
@@ -159,6 +165,7 @@ class ClientProtocol(asyncio.Protocol):
         srv = self.srv
         srv_stats = srv.stats
         chosen = self._chosen
+        replies = self._replies
         key_write = self.key_write
         processed = 0
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
@@ -182,11 +189,17 @@ class ClientProtocol(asyncio.Protocol):
             if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get") and args[1] not in key_write:
                 self.last_cmd = "get"
                 key = args[1]
-                known = chosen.value(key)
-                result: bytes | Deferred
-                if known is not None:
-                    # A value known to be chosen never changes, so memory answers it.
+                # A value known to be chosen never changes, so memory answers it, and its reply
+                # (the same in RESP2 and RESP3) is kept formatted for the next GETs of the key.
+                result: bytes | Deferred | None = replies.get(key)
+                if result is not None:
+                    pass
+                elif (known := chosen.value(key)) is not None:
                     result = bulk(known)
+                    if len(key) + len(result) <= _REPLY_CACHED_BYTES:
+                        if len(replies) >= REPLY_CACHE_KEYS:
+                            replies.clear()
+                        replies[key] = result
                 elif len(key) <= self._max_key_bytes and self.budget_ms is None:
                     # A linearizable read (_read_get); many share one operation (NodeServer.read).
                     try:

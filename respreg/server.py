@@ -101,6 +101,9 @@ class NodeServer:
         self.started = time.time()
         self.run_id = os.urandom(20).hex()
         self.clients: dict[int, ClientProtocol] = {}
+        #: GET replies of values known to be chosen, formatted, shared by every connection
+        #: (bounded: client.REPLY_CACHE_KEYS).
+        self.get_replies: dict[bytes, bytes] = {}
         self._to_flush: list[ClientProtocol] = []
         self._next_client = 1
         self.stats = {
@@ -804,9 +807,10 @@ class NodeServer:
             "writes_shed": self.writes_shed,
             "cached_states": self.core.cached_states(),
             "cached_chosen": self.core.cached_chosen(),
+            "cached_replies": len(self.get_replies),
             "alarms": self.alarms,
         }
-        paxos.update(self.core.stats)
+        paxos.update(self.core.counters())
         for nid, link in sorted(self.links.items()):
             paxos[f"peer{nid}"] = f"addr={link.host}:{link.port},up={int(link.up)},connects={link.ups}"
         persistence: dict[str, str | int] = {

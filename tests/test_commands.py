@@ -250,6 +250,30 @@ def test_pipelined_gets_of_missing_keys_between_other_replies_answer_each_in_ord
     assert pipe.execute() == expected
 
 
+def test_gets_of_more_keys_than_the_reply_cache_holds_answer_each_its_own_value(
+    cluster: Cluster, protocol: int
+) -> None:
+    """A node keeps the GET replies of chosen values formatted, a bounded number of them: past
+    the bound it starts over, and every GET still gets its own key's value (RESP2 and RESP3),
+    a key longer than what is kept included."""
+    from respreg.client import REPLY_CACHE_KEYS
+
+    c = cluster.client(2, protocol=protocol)
+    keys = [f"replies:{protocol}:{i}" for i in range(REPLY_CACHE_KEYS + 300)]
+    long_key = "replies:long:" + "k" * 2000
+    pipe = c.pipeline(transaction=False)
+    for k in keys + [long_key]:
+        pipe.execute_command("SETONCE", k, f"value of {k[:40]}")
+    assert all(r in (b"OK", True) for r in pipe.execute())
+    for _ in range(2):
+        pipe = c.pipeline(transaction=False)
+        for k in keys + [long_key]:
+            pipe.get(k)
+        assert pipe.execute() == [f"value of {k[:40]}".encode() for k in keys + [long_key]]
+    cached = int(c.info("paxos")["cached_replies"])
+    assert 0 < cached <= REPLY_CACHE_KEYS
+
+
 def test_pipelined_commands_answer_in_order(cluster: Cluster, protocol: int) -> None:
     c = cluster.client(3, protocol=protocol)
     pipe = c.pipeline(transaction=False)

@@ -528,6 +528,8 @@ def test_a_read_may_join_only_a_read_round_that_has_not_begun() -> None:
     assert core.join_read_round(b"k") is None
     s.read(1, 2, b"k")  # waits for the next round
     assert core.join_read_round(b"k") == 2
+    counted = core.counters()  # the joined read counts as started and as shared (INFO paxos)
+    assert (counted["reads_started"], counted["reads_shared"]) == (3, 2)
     s.deliver(src=1)
     s.deliver(dst=1)  # the first round ends: the next one begins, led by read 2
     assert isinstance(s.outcomes[1], Empty)
