@@ -49,8 +49,9 @@ class KnownNames:
     """A Bloom filter over the names of the key files under ``root`` that may exist.
 
     Only the process that holds the data directory's lock may keep one: it must see every file
-    created there. It learns the names two ways: a thread lists the directories once, started
-    here, and every write adds its key's name (:meth:`add`) before any of its files is created.
+    created there. It learns the names two ways: a thread lists the directories once, from
+    :meth:`start` on, and every write adds its key's name (:meth:`add`) before any of its files
+    is created (also before the listing starts).
     Until the listing is merged, :meth:`may_exist` says yes to every name; after it, no only for
     a name that was in no directory when listed and was not added since: such a key has no
     file, as a failing ``open`` would have found.
@@ -70,7 +71,13 @@ class KnownNames:
         #: Names the listing found.
         self.listed = 0
         self._lister = threading.Thread(target=self._list, args=(root,), name="respreg-names", daemon=True)
-        self._lister.start()
+        self.started = False
+
+    def start(self) -> None:
+        """Start listing the files (once; later calls do nothing)."""
+        if not self.started:
+            self.started = True
+            self._lister.start()
 
     def add(self, name: int) -> None:
         """Record a file name (its hash as an integer) before its file is created."""
@@ -82,7 +89,8 @@ class KnownNames:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the listing (tests, tools); whether it completed."""
-        self._lister.join(timeout)
+        if self.started:
+            self._lister.join(timeout)
         return self.complete
 
     def _list(self, root: str) -> None:

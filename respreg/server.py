@@ -203,6 +203,7 @@ class NodeServer:
             hold_spares_open=self._hold_spares_open,
             sync=cfg.sync_mode,
             index=True,
+            list_later=True,  # once the chosen log is read back (see _load_chosen)
         )
         self.committer = GroupCommitter(self._files, loop)
         node_config = NodeConfig(
@@ -304,6 +305,10 @@ class NodeServer:
         )
         self._learned_busy = False
         self._flush_learned()
+        # Only now: listing the key files competes with reading the log back for the CPU, and
+        # until the log is read many GETs need a read round, which loads files (opens them).
+        if self._files is not None and self._files.known is not None:
+            self._files.known.start()
 
     def _on_learn(self, key: bytes, entry: bytes) -> None:
         if not self._learned and not self._learned_busy:
@@ -783,7 +788,11 @@ class NodeServer:
         known = self._files.known if self._files is not None else None
         if known is None:
             return "off"
-        return "ready" if known.complete else ("failed" if known.failed is not None else "listing")
+        if known.complete:
+            return "ready"
+        if known.failed is not None:
+            return "failed"
+        return "listing" if known.started else "waiting"
 
     def peers_up(self) -> int:
         return sum(1 for link in self.links.values() if link.up)

@@ -634,12 +634,14 @@ class KeyFiles:
         hold_spares_open: bool = False,
         sync: str = "fsync",
         index: bool = False,
+        list_later: bool = False,
     ) -> None:
         """``workers`` threads fsync files in parallel; ``spares`` empty files are kept ready for
         writes (held open with ``hold_spares_open``: that many more descriptors, see
         :class:`_Spares`), and ``index`` keeps the names of the files that may exist in memory
-        (see :class:`KnownNames`): these three only for the process holding the data
-        directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs" or "auto"
+        (see :class:`KnownNames`; its listing of the files starts at once, or with
+        ``list_later`` when the caller starts it): these three only for the process holding
+        the data directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs" or "auto"
         (see :func:`resolve_sync_mode`)."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -669,6 +671,8 @@ class KeyFiles:
             _fsync_dir(self.root)
         # Listed after the layout is final; None: every load opens its file.
         self.known: KnownNames | None = KnownNames(self._root_text) if index else None
+        if self.known is not None and not list_later:
+            self.known.start()
 
     def _create_fan_out(self) -> None:
         """Create the 256 directories (fsyncing the root once if any was missing)."""

@@ -1012,6 +1012,26 @@ def test_keys_written_while_the_names_are_listed_are_never_reported_absent(
         files.close()
 
 
+def test_a_listing_started_later_still_knows_the_keys_written_before_it(tmp_path: Path) -> None:
+    """The node starts the listing once its chosen log is read back, and writes before that."""
+    root = tmp_path / "keys"
+    earlier = KeyFiles(root)
+    earlier.write_many([(b"earlier", SAMPLE)])
+    earlier.close()
+    files = KeyFiles(root, index=True, list_later=True)
+    try:
+        assert files.known is not None and not files.known.wait(0.1), "nothing is listed before start()"
+        files.write_many([(b"before-the-listing", state_for(3))])
+        files.known.start()
+        files.known.start()  # once only
+        assert files.known.wait(30)
+        assert files.load(b"earlier") == SAMPLE
+        assert files.load(b"before-the-listing") == state_for(3)
+        assert files.load(b"never") is None
+    finally:
+        files.close()
+
+
 def test_a_store_without_the_index_opens_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tools and tests open a store without the index: another process may create its files."""
     files = KeyFiles(tmp_path / "keys")
