@@ -1032,6 +1032,35 @@ def test_a_listing_started_later_still_knows_the_keys_written_before_it(tmp_path
         files.close()
 
 
+def test_a_listing_that_fails_leaves_the_index_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory that cannot be listed must not leave a partial index in use: the names it
+    holds would be missing, and their keys reported absent."""
+    root = tmp_path / "keys"
+    earlier = KeyFiles(root)
+    earlier.write_many([(b"listed-or-not", SAMPLE)])
+    earlier.close()
+    real_listdir = os.listdir
+
+    def failing_listdir(path: str) -> list[str]:
+        if threading.current_thread().name == "respreg-names" and str(path) != str(root):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", failing_listdir)
+    with caplog.at_level(logging.WARNING, logger="respreg.keyindex"):
+        files = KeyFiles(root, index=True)
+        try:
+            assert files.known is not None and not files.known.wait(30)
+            assert files.known.failed is not None and "Permission denied" in files.known.failed
+            assert files.load(b"listed-or-not") == SAMPLE
+            assert files.load(b"never") is None
+        finally:
+            files.close()
+    assert any("every load opens its file" in r.getMessage() for r in caplog.records)
+
+
 def test_a_store_without_the_index_opens_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tools and tests open a store without the index: another process may create its files."""
     files = KeyFiles(tmp_path / "keys")
