@@ -181,6 +181,33 @@ def test_data_survives_full_cluster_restart(slow_cluster: Cluster) -> None:
     assert int(info["incarnation"]) == incarnation_before + 1
 
 
+def test_acceptor_state_written_before_a_restart_is_found_once_the_name_index_is_ready(
+    slow_cluster: Cluster,
+) -> None:
+    """After a restart without the chosen logs (so memory knows nothing chosen), every node
+    lists its key files into its name index; a key whose file exists must never be taken for
+    absent then: a second SETONCE of each written key fails and every node reads its value."""
+    c = slow_cluster
+    written = {f"indexed:{i}".encode(): f"v{i}".encode() for i in range(60)}
+    for i, (k, v) in enumerate(written.items()):
+        assert c.client(1 + i % 3).execute_command("SETONCE", k, v) in (b"OK", True)
+    for n in (1, 2, 3):
+        c.kill(n)
+        (c.node(n).data_dir / "chosen.log").unlink()
+    c.start()
+    c.wait_peers()
+    for n in (1, 2, 3):
+        for _ in range(600):  # the listing runs in the background: a bound against hangs only
+            if c.client(n).info("persistence")["key_index"] == "ready":
+                break
+            time.sleep(0.05)
+        assert c.client(n).info("persistence")["key_index"] == "ready", f"node {n}"
+    for i, k in enumerate(written):
+        assert c.client(1 + (i + 1) % 3).execute_command("SETONCE", k, b"other") is None, k
+    check_acked(c, written, [1, 2, 3])
+    assert c.client(3).execute_command("SETONCE", "indexed:fresh", "new") in (b"OK", True)
+
+
 def test_corrupt_state_file_is_refused_loudly_never_read_as_empty(slow_cluster: Cluster) -> None:
     from respreg.storage import KeyFiles
 
