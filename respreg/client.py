@@ -254,14 +254,11 @@ class ClientProtocol(asyncio.Protocol):
         self.inflight += 1
         # One callback per operation and connection is enough: it drains every reply at the
         # head of the queue whose operation is done (reads of one key share operations).
-        if queue:
-            tail = queue[-1]
-            if tail.fut is fut:
-                if fmt is None and tail.fmt is None:
-                    tail.count += 1  # another GET sharing the operation: the same reply again
-                    return
-            else:
-                fut.add_done_callback(self._complete)
+        tail = queue[-1] if queue else None
+        if tail is not None and tail.fut is fut:
+            if fmt is None and tail.fmt is None:
+                tail.count += 1  # another GET sharing the operation: the same reply again
+                return
         else:
             fut.add_done_callback(self._complete)
         queue.append(_Slot(None, fut, fmt))

@@ -68,8 +68,6 @@ class KnownNames:
         self.complete = False
         #: Why the listing failed (the filter then stays unused), or None.
         self.failed: str | None = None
-        #: Names the listing found.
-        self.listed = 0
         self._lister = threading.Thread(target=self._list, args=(root,), name="respreg-names", daemon=True)
         self.started = False
 
@@ -95,7 +93,6 @@ class KnownNames:
 
     def _list(self, root: str) -> None:
         listed = bytearray(BITS // 8)
-        count = 0
         try:
             for top in sorted(os.listdir(root)):
                 if len(top) != 2 or not _HEX.issuperset(top):
@@ -107,7 +104,6 @@ class KnownNames:
                         _set(listed, int(name, 16))
                     except ValueError:
                         continue
-                    count += 1
         except OSError as exc:
             self.failed = f"listing {root} failed: {exc}"
             logger.warning("key files: %s; every load opens its file", self.failed)
@@ -115,5 +111,4 @@ class KnownNames:
         with self._lock:
             merged = int.from_bytes(self._bits, "little") | int.from_bytes(listed, "little")
             self._bits = bytearray(merged.to_bytes(len(listed), "little"))
-            self.listed = count
             self.complete = True

@@ -622,6 +622,11 @@ class StagedBatch:
         self.data_fd = self.names_fd = -1
 
 
+def _file_name(key: bytes) -> str:
+    """The name of ``key``'s file (see "Per-key file names" above)."""
+    return hashlib.blake2b(key, digest_size=16).hexdigest()
+
+
 class KeyFiles:
     """One durable file per key under ``root``. Blocking; safe to call from several threads."""
 
@@ -641,8 +646,8 @@ class KeyFiles:
         :class:`_Spares`), and ``index`` keeps the names of the files that may exist in memory
         (see :class:`KnownNames`; its listing of the files starts at once, or with
         ``list_later`` when the caller starts it): these three only for the process holding
-        the data directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs" or "auto"
-        (see :func:`resolve_sync_mode`)."""
+        the data directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs"
+        or "auto" (see :func:`resolve_sync_mode`)."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         #: "fsync" or "syncfs" (see :func:`resolve_sync_mode`).
@@ -711,25 +716,27 @@ class KeyFiles:
         return Path(self._path_text(key))
 
     def _path_text(self, key: bytes) -> str:
-        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        return self._path_of(_file_name(key))
+
+    def _path_of(self, name: str) -> str:
         return f"{self._root_text}/{name[0:2]}/{name}"
 
     def _path_to_write(self, key: bytes) -> str:
         """The file of ``key``, whose name is known to exist from now on (see KnownNames)."""
-        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        name = _file_name(key)
         if self.known is not None:
             self.known.add(int(name, 16))
-        return f"{self._root_text}/{name[0:2]}/{name}"
+        return self._path_of(name)
 
     def load(self, key: bytes) -> AcceptorState | None:
         """Return the stored state of ``key``, or None if the key was never written.
 
         Raises CorruptStateError if the file is invalid; other I/O errors propagate as OSError.
         """
-        name = hashlib.blake2b(key, digest_size=16).hexdigest()
+        name = _file_name(key)
         if self.known is not None and not self.known.may_exist(int(name, 16)):
             return None  # never written: no file to open
-        path = f"{self._root_text}/{name[0:2]}/{name}"
+        path = self._path_of(name)
         try:
             fd = os.open(path, self._read_flags)
         except FileNotFoundError:
