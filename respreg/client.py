@@ -168,6 +168,12 @@ class ClientProtocol(asyncio.Protocol):
         replies = self._replies
         key_write = self.key_write
         processed = 0
+        # The key of the GET parsed just before, if the next GET of that key gets the same
+        # answer: its reply (a chosen value), or, with no reply, the operation it joined, which
+        # is the tail of the queue (see below).
+        last_key: bytes | None = None
+        last_reply: bytes | None = None
+        joined = 0
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
             try:
                 args = self.parser.next()
@@ -186,39 +192,59 @@ class ClientProtocol(asyncio.Protocol):
             # The hot path, GET, unless an earlier write of this connection on the key still
             # runs: what _dispatch, _call_tracked and cmd_get would do, without their lookups
             # and calls (nothing blocks a read of a key this connection is not writing).
-            if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get") and args[1] not in key_write:
+            if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get") and not (key_write and args[1] in key_write):
                 self.last_cmd = "get"
                 key = args[1]
-                # A value known to be chosen never changes, so memory answers it, and its reply
-                # (the same in RESP2 and RESP3) is kept formatted for the next GETs of the key.
-                result: bytes | Deferred | None = replies.get(key)
-                if result is not None:
-                    pass
-                elif (known := chosen.value(key)) is not None:
-                    result = bulk(known)
-                    if len(key) + len(result) <= _REPLY_CACHED_BYTES:
-                        if len(replies) >= REPLY_CACHE_KEYS:
-                            replies.clear()
-                        replies[key] = result
-                elif len(key) <= self._max_key_bytes and self.budget_ms is None:
-                    # A linearizable read (_read_get); many share one operation (NodeServer.read).
-                    try:
-                        fut = srv.read(key)
-                    except Exception as exc:  # noqa: BLE001 - as in _call
-                        result = _internal_error(args, exc)
-                    else:
-                        if not fut.done():
-                            running = self.key_busy.get(key)
-                            if running is None or running[-1] is not fut:
-                                # (Otherwise this connection's previous read of the key shares
-                                # the operation, which is registered already: see _mark_busy.)
-                                self._mark_busy([key], fut, True)
-                            self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
-                            continue
-                        result = _value_reply(self.nil(), fut.result())
+                result: bytes | Deferred | None
+                if key == last_key:
+                    # The same key as the GET just before it (a client polling a key, or
+                    # pipelining reads of one key): nothing this loop does between two commands
+                    # can choose a value or start a read round, so it gets the same answer.
+                    if last_reply is None:
+                        # That GET joined the operation of the first read waiting for the next
+                        # round (NodeServer.read) and took the queue's tail: this one joins it
+                        # too, as NodeServer.read and _wait_for would have it do.
+                        self.inflight += 1
+                        queue[-1].count += 1
+                        joined += 1
+                        continue
+                    result = last_reply
                 else:
-                    result = self._call_tracked(_read_get, args, args[1:], True)
+                    last_key = None
+                    # A value known to be chosen never changes, so memory answers it, and its reply
+                    # (the same in RESP2 and RESP3) is kept formatted for the next GETs of the key.
+                    result = replies.get(key)
+                    if result is not None:
+                        last_key, last_reply = key, result
+                    elif (known := chosen.value(key)) is not None:
+                        result = bulk(known)
+                        if len(key) + len(result) <= _REPLY_CACHED_BYTES:
+                            if len(replies) >= REPLY_CACHE_KEYS:
+                                replies.clear()
+                            replies[key] = result
+                        last_key, last_reply = key, result
+                    elif len(key) <= self._max_key_bytes and self.budget_ms is None:
+                        # A linearizable read (_read_get); many share one operation (NodeServer.read).
+                        try:
+                            fut = srv.read(key)
+                        except Exception as exc:  # noqa: BLE001 - as in _call
+                            result = _internal_error(args, exc)
+                        else:
+                            if not fut.done():
+                                running = self.key_busy.get(key)
+                                if running is None or running[-1] is not fut:
+                                    # (Otherwise this connection's previous read of the key shares
+                                    # the operation, which is registered already: see _mark_busy.)
+                                    self._mark_busy([key], fut, True)
+                                self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
+                                if srv.read_joined:
+                                    last_key, last_reply = key, None
+                                continue
+                            result = _value_reply(self.nil(), fut.result())
+                    else:
+                        result = self._call_tracked(_read_get, args, args[1:], True)
             else:
+                last_key = None
                 result = self._dispatch(args)
             if not isinstance(result, bytes):
                 op, fmt = result
@@ -234,6 +260,8 @@ class ClientProtocol(asyncio.Protocol):
                 if out_size >= _WRITE_CHUNK:
                     out_size = self._write_out(out)
         srv_stats["total_commands_processed"] += processed
+        if joined:
+            srv.count_joined_reads(joined)
         if out and self.transport is not None and not self.closed:
             if self.closing:
                 self.transport.write(b"".join(out) if len(out) > 1 else out[0])

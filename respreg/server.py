@@ -119,6 +119,8 @@ class NodeServer:
         #: event-loop timer and its (op_id, token) entries.
         self._timers: dict[int, tuple[asyncio.TimerHandle, list[tuple[int, int]]]] = {}
         self._next_op = 1
+        #: Whether the last read() took the operation of a read waiting for the next read round.
+        self.read_joined = False
         self._routes: dict[int, tuple[PeerServerProtocol, int]] = {}
         self._next_route = 1
         self._alarmed: set[bytes] = set()
@@ -684,18 +686,27 @@ class NodeServer:
             fut.set_result(Failed(Failure.NOQUORUM, reason))
 
     def read(self, key: bytes, deadline_ms: float | None = None) -> asyncio.Future[Outcome]:
-        """Start a linearizable GET."""
+        """Start a linearizable GET (``read_joined`` then says whether it joined another's
+        operation, which the next GET of ``key`` before any other event would join too)."""
         assert self.core is not None
         if deadline_ms is None:
             shared = self.core.join_read_round(key)
             if shared is not None:
                 fut = self._ops.get(shared)
                 if fut is not None:
+                    self.read_joined = True
                     return fut
+        self.read_joined = False
         op_id = self._new_op()
         fut = self._ops[op_id]
         self._apply(self.core.begin_read(op_id, key, deadline_ms))
         return fut
+
+    def count_joined_reads(self, n: int) -> None:
+        """``n`` GETs took the operation of the read before them without calling :meth:`read`
+        (see ClientProtocol._process): counted as if they had."""
+        assert self.core is not None
+        self.core.reads_joined += n
 
     def _new_op(self) -> int:
         op_id = self._next_op

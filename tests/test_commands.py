@@ -233,21 +233,33 @@ def test_pipelined_gets_of_missing_keys_between_other_replies_answer_each_in_ord
     another key, each get their own reply, in request order (RESP2 and RESP3 nils differ)."""
     c = cluster.client(1, protocol=protocol)
     c.execute_command("SETONCE", "runs:known", "v")
+    c.execute_command("SETONCE", "runs:known2", "w")
+    started = int(c.info("paxos")["reads_started"])
     pipe = c.pipeline(transaction=False)
     expected: list[object] = []
+    reads = 0
     for round_ in range(30):
         for _ in range(round_ % 7 + 1):
             pipe.get("runs:missing")
             expected.append(None)
+            reads += 1
         if round_ % 3 == 0:
             pipe.ping()
             expected.append(True)
         if round_ % 4 == 1:
             pipe.get("runs:other")
             expected.append(None)
-        pipe.get("runs:known")
-        expected.append(b"v")
+            reads += 1
+        for _ in range(round_ % 3 + 1):
+            pipe.get("runs:known")
+            expected.append(b"v")
+        if round_ % 2:
+            pipe.get("runs:known2")
+            expected.append(b"w")
     assert pipe.execute() == expected
+    # Every GET that needed a read round counts as one started, also the ones that took the
+    # operation of the GET before them without asking the core.
+    assert int(c.info("paxos")["reads_started"]) - started == reads
 
 
 def test_gets_of_more_keys_than_the_reply_cache_holds_answer_each_its_own_value(
