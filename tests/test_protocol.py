@@ -469,6 +469,9 @@ _PIECES = st.sampled_from(
         b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nv\r\nw\r\n",
         b"*2\r\n$3\r\nGET\r\n$1\r\nkXY",  # no CRLF after the payload
         b"*2\r\n$3\r\nGET\r\n$01\r\nk\r\n",  # a length with a leading zero
+        b"*2\r\n$3\r\nGET\r\n$2\r\nk\r\n",  # a length one more than the payload
+        b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n",  # an empty argument
+        b"*2\r\n$3\r\nGET\r\n$1 \r\nk\r\n",  # a space after the length
         b"*2\r\n$3\r\nGET\r\n$-1\r\n",
         b"*2\r\n$3\r\nGET\r\n:1\r\n",
         b"*2\r\n$3\rXGET\r\n$1\r\nk\r\n",  # CR not followed by LF
