@@ -233,10 +233,18 @@ class ClientProtocol(asyncio.Protocol):
                             if not fut.done():
                                 running = self.key_busy.get(key)
                                 if running is None or running[-1] is not fut:
-                                    # (Otherwise this connection's previous read of the key shares
-                                    # the operation, which is registered already: see _mark_busy.)
-                                    self._mark_busy([key], fut, True)
-                                self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
+                                    # What _mark_busy and _wait_for do, with one callback for
+                                    # both. (Otherwise this connection's previous read of the key
+                                    # shares the operation, which is registered already.)
+                                    if running is None:
+                                        self.key_busy[key] = [fut]
+                                    else:
+                                        running.append(fut)
+                                    self.inflight += 1
+                                    queue.append(_Slot(None, fut, None))
+                                    fut.add_done_callback(partial(self._read_done, key))
+                                else:
+                                    self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
                                 if srv.read_joined:
                                     last_key, last_reply = key, None
                                 continue
@@ -405,6 +413,11 @@ class ClientProtocol(asyncio.Protocol):
             if not readonly:
                 self.key_write[k] = fut
         fut.add_done_callback(partial(self._unbusy, keys))
+
+    def _read_done(self, key: bytes, fut: asyncio.Future[Any]) -> None:
+        """A GET's read operation ended (registered by the hot path in _process)."""
+        self._unbusy([key], fut)
+        self._complete(fut)
 
     def _unbusy(self, keys: list[bytes], fut: asyncio.Future[Any]) -> None:
         for k in keys:
