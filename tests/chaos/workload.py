@@ -3,7 +3,8 @@
 Each client is a thread bound to one node (client i talks to node ``i mod N``, so a paused or
 partitioned node holds up only its own clients and the others keep measuring the rest of the
 cluster), with no client-side retries and a socket timeout a little past the server's deadline.
-Operations (SETONCE, ``SET k v NX GET``, GET) go to the client's node, on:
+Operations (SETONCE, ``SET k v NX GET``, GET, and runs of GETs of one key pipelined on one
+connection) go to the client's node, on:
 
 - hot keys: a few keys per ``hot_period_s`` time slot, shared by every client, so writes race
   (registers are write-once: races only happen while a key is young, hence the rotation);
@@ -126,6 +127,11 @@ class Caller:
         h.complete(op, outcome, now, result=result, error=text)
         return op
 
+    def poll(self, node: int, key: bytes, n: int) -> list[Op]:
+        """``n`` GETs of ``key`` pipelined on one connection (a client polling a key): a node
+        answers a run of GETs of one key in one pass over its input (docs/design.md, fast path 6)."""
+        return pipelined_gets(self._conn(node), self.history, self.name, node, [key] * n)
+
     def close(self) -> None:
         for c in self.conns.values():
             try:
@@ -174,6 +180,8 @@ def _pick(rng: random.Random, weights: Sequence[tuple[OpKind, float]]) -> OpKind
 HOT_MIX: tuple[tuple[OpKind, float], ...] = (("setonce", 0.35), ("set-nx-get", 0.25), ("get", 0.40))
 OLD_MIX: tuple[tuple[OpKind, float], ...] = (("setonce", 0.1), ("set-nx-get", 0.1), ("get", 0.8))
 FRESH_MIX: tuple[tuple[OpKind, float], ...] = (("setonce", 0.6), ("set-nx-get", 0.4))
+#: The share of GETs sent as a pipeline of 2 to 8 GETs of the same key (Caller.poll).
+POLL_SHARE = 0.3
 
 
 class Workload:
@@ -231,7 +239,10 @@ class Workload:
                 if key is None:
                     key, kind = self.keys.fresh(cid, seq), _pick(rng, FRESH_MIX)
                 value = f"c{cid}-{seq}".encode() if kind != "get" else None
-                op = caller.call(node, kind, key, value)
+                if kind == "get" and rng.random() < POLL_SHARE:
+                    op = caller.poll(node, key, rng.randint(2, 8))[-1]
+                else:
+                    op = caller.call(node, kind, key, value)
                 self.keys.note(key)
                 if op.outcome in (Outcome.CONNECTION_ERROR, Outcome.NOQUORUM, Outcome.UNCERTAIN):
                     # Down, or no majority: errors come back at once; do not spin on them.
@@ -326,10 +337,11 @@ def _settled(per_node: Mapping[int, Op]) -> bool:
     return len(answers) == 1 and next(iter(answers))[0] in (Outcome.NIL, Outcome.VALUE)
 
 
-def _read_batch(conn: Connection, node: int, chunk: Sequence[bytes], history: History,
-                out: dict[bytes, dict[int, Op]]) -> list[bytes]:  # fmt: skip
+def pipelined_gets(conn: Connection, history: History, client: str, node: int, keys: Sequence[bytes]) -> list[Op]:
+    """GET every key of ``keys`` in one pipeline on ``conn``: each GET is recorded as its own
+    operation, invoked when the pipeline is sent and completed when its own reply is read."""
     invoke = time.monotonic()
-    ops = [history.invoke("final", node, "get", k, None, invoke) for k in chunk]
+    ops = [history.invoke(client, node, "get", k, None, invoke) for k in keys]
     try:
         conn.connect()
     except Exception as exc:  # noqa: BLE001
@@ -337,36 +349,40 @@ def _read_batch(conn: Connection, node: int, chunk: Sequence[bytes], history: Hi
         now = time.monotonic()
         for op in ops:
             history.complete(op, Outcome.CONNECTION_ERROR, now, error=str(exc), sent=False)
-            out[op.key][node] = op
-        return list(chunk)
-    failed: list[bytes] = []
+        return ops
     try:
-        conn.send_packed_command(conn.pack_commands([("GET", k) for k in chunk]))
+        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]))
     except Exception as exc:  # noqa: BLE001
         conn.disconnect()
         now = time.monotonic()
         outcome, text = classify_error(exc)
         for op in ops:
             history.complete(op, outcome, now, error=text)
-            out[op.key][node] = op
-        return list(chunk)
+        return ops
     broken: tuple[Outcome, str] | None = None
     for op in ops:
         if broken is not None:
             history.complete(op, broken[0], time.monotonic(), error=broken[1])
+            continue
+        try:
+            reply = conn.read_response()
+        except redis.ResponseError as exc:
+            outcome, text = classify_error(exc)
+            history.complete(op, outcome, time.monotonic(), error=text)
+        except Exception as exc:  # noqa: BLE001
+            conn.disconnect()  # a late reply must never be read as the next command's
+            broken = classify_error(exc)
+            history.complete(op, broken[0], time.monotonic(), error=broken[1])
         else:
-            try:
-                reply = conn.read_response()
-            except redis.ResponseError as exc:
-                outcome, text = classify_error(exc)
-                history.complete(op, outcome, time.monotonic(), error=text)
-            except Exception as exc:  # noqa: BLE001
-                conn.disconnect()
-                broken = classify_error(exc)
-                history.complete(op, broken[0], time.monotonic(), error=broken[1])
-            else:
-                outcome, result, text = classify_reply("get", reply)
-                history.complete(op, outcome, time.monotonic(), result=result, error=text)
+            outcome, result, text = classify_reply("get", reply)
+            history.complete(op, outcome, time.monotonic(), result=result, error=text)
+    return ops
+
+
+def _read_batch(conn: Connection, node: int, chunk: Sequence[bytes], history: History,
+                out: dict[bytes, dict[int, Op]]) -> list[bytes]:  # fmt: skip
+    failed: list[bytes] = []
+    for op in pipelined_gets(conn, history, "final", node, chunk):
         out[op.key][node] = op
         if op.outcome not in (Outcome.NIL, Outcome.VALUE):
             failed.append(op.key)
