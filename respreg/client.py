@@ -233,16 +233,11 @@ class ClientProtocol(asyncio.Protocol):
                             if not fut.done():
                                 running = self.key_busy.get(key)
                                 if running is None or running[-1] is not fut:
-                                    # What _mark_busy and _wait_for do, with one callback for
-                                    # both. (Otherwise this connection's previous read of the key
-                                    # shares the operation, which is registered already.)
-                                    if running is None:
-                                        self.key_busy[key] = [fut]
-                                    else:
-                                        running.append(fut)
-                                    self.inflight += 1
-                                    queue.append(_Slot(None, fut, None))
-                                    fut.add_done_callback(partial(self._read_done, key))
+                                    # What _mark_busy does, with one callback for it and
+                                    # _wait_for. (Otherwise this connection's previous read of
+                                    # the key shares the operation, registered already.)
+                                    self.key_busy.setdefault(key, []).append(fut)
+                                    self._wait_for(fut, None, partial(self._read_done, key))
                                 else:
                                     self._wait_for(fut, None)  # no formatter: a GET's (see _complete)
                                 if srv.read_joined:
@@ -284,19 +279,26 @@ class ClientProtocol(asyncio.Protocol):
         if self.closing and not queue and self.transport is not None:
             self.transport.close()
 
-    def _wait_for(self, fut: asyncio.Future[Any], fmt: Callable[[Any], bytes] | None) -> None:
-        """Queue the reply of an operation still running, in request order."""
+    def _wait_for(
+        self,
+        fut: asyncio.Future[Any],
+        fmt: Callable[[Any], bytes] | None,
+        on_done: Callable[[asyncio.Future[Any]], None] | None = None,
+    ) -> None:
+        """Queue the reply of an operation still running, in request order; ``on_done`` (which
+        must call _complete) replaces _complete as the operation's callback on this connection."""
         queue = self.queue
         self.inflight += 1
         # One callback per operation and connection is enough: it drains every reply at the
         # head of the queue whose operation is done (reads of one key share operations).
         tail = queue[-1] if queue else None
         if tail is not None and tail.fut is fut:
+            assert on_done is None, "the operation's callback on this connection is registered"
             if fmt is None and tail.fmt is None:
                 tail.count += 1  # another GET sharing the operation: the same reply again
                 return
         else:
-            fut.add_done_callback(self._complete)
+            fut.add_done_callback(self._complete if on_done is None else on_done)
         queue.append(_Slot(None, fut, fmt))
 
     def _write_out(self, out: list[bytes]) -> int:

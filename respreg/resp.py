@@ -243,19 +243,12 @@ class RequestParser:
             end = i + 1 + 2 * count
             if end > last:
                 break
-            if count == 2:
-                h1, a1, h2, a2 = parts[i + 1 : end]
-                n1 = len(a1)
-                n2 = len(a2)
-                if length_of(h1) != n1 or length_of(h2) != n2 or (check_bulk and max(n1, n2) > max_bulk):
-                    break
-                ready.append([a1, a2])
-            else:
-                args = parts[i + 2 : end : 2]
-                lengths = list(map(len, args))
-                if list(map(length_of, parts[i + 1 : end : 2])) != lengths or (check_bulk and max(lengths) > max_bulk):
-                    break
-                ready.append(args)
+            # (A count of 2 is taken above: only "*2" counts 2, and past max_args it stops.)
+            args = parts[i + 2 : end : 2]
+            lengths = list(map(len, args))
+            if list(map(length_of, parts[i + 1 : end : 2])) != lengths or (check_bulk and max(lengths) > max_bulk):
+                break
+            ready.append(args)
             i = end
         if i == last and not parts[last]:
             self._pos = pos + len(window)  # the whole window, which ends with a CRLF, was taken
