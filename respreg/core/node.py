@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import islice
 
 from . import acceptor
@@ -77,11 +77,17 @@ __all__ = [
 ]
 
 
+# Each effect spells out its __init__: see the docstring of respreg.core.types.
 @dataclass(frozen=True, slots=True)
 class Persist:
     key: bytes
     state: AcceptorState
     version: int
+
+    def __init__(self, key: bytes, state: AcceptorState, version: int) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "version", version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +96,22 @@ class PeerSend:
     req_id: int
     msg: Request
 
+    def __init__(self, to: NodeId, req_id: int, msg: Request) -> None:
+        object.__setattr__(self, "to", to)
+        object.__setattr__(self, "req_id", req_id)
+        object.__setattr__(self, "msg", msg)
+
 
 @dataclass(frozen=True, slots=True)
 class PeerRespond:
     to: NodeId
     req_id: int
     reply: Reply
+
+    def __init__(self, to: NodeId, req_id: int, reply: Reply) -> None:
+        object.__setattr__(self, "to", to)
+        object.__setattr__(self, "req_id", req_id)
+        object.__setattr__(self, "reply", reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,17 +120,30 @@ class OpTimer:
     delay_ms: float
     token: int
 
+    def __init__(self, op_id: int, delay_ms: float, token: int) -> None:
+        object.__setattr__(self, "op_id", op_id)
+        object.__setattr__(self, "delay_ms", delay_ms)
+        object.__setattr__(self, "token", token)
+
 
 @dataclass(frozen=True, slots=True)
 class OpDone:
     op_id: int
     outcome: Outcome
 
+    def __init__(self, op_id: int, outcome: Outcome) -> None:
+        object.__setattr__(self, "op_id", op_id)
+        object.__setattr__(self, "outcome", outcome)
+
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
     key: bytes
     reason: str
+
+    def __init__(self, key: bytes, reason: str) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "reason", reason)
 
 
 NodeEffect = Persist | PeerSend | PeerRespond | OpTimer | OpDone | Alarm
@@ -519,17 +548,11 @@ class NodeCore:
         p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
         self.stats["fast_writes"] += 1
         self._fast_ops[op_id] = key
-        effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors)
         remote = self._remote_ops.get(op_id)
-        if remote is not None and remote[0] in acceptors:
-            # A write another node forwarded: both acceptors also tell that node once they hold
-            # the proposal durably, so it can answer its client without waiting for this node.
-            effects = [
-                replace(e, msg=replace(e.msg, notify=int(remote[0])))
-                if isinstance(e, Send) and isinstance(e.msg, Accept)
-                else e
-                for e in effects
-            ]
+        # A write another node forwarded: both acceptors also tell that node once they hold
+        # the proposal durably, so it can answer its client without waiting for this node.
+        notify = int(remote[0]) if remote is not None and remote[0] in acceptors else 0
+        effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors, notify)
         return self._run(op_id, effects)
 
     def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
@@ -681,7 +704,7 @@ class NodeCore:
             raise ValueError(f"operation {op_id} already running")
         config = self.config.proposer
         if deadline_ms is not None and deadline_ms != config.deadline_ms:
-            config = replace(config, deadline_ms=deadline_ms)
+            config = config.with_deadline(deadline_ms)
         p = Proposer(
             key,
             self.me,

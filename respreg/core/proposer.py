@@ -49,6 +49,7 @@ from .types import (
 # ---- effects ---------------------------------------------------------------------------------
 
 
+# Each effect spells out its __init__: see the docstring of respreg.core.types.
 @dataclass(frozen=True, slots=True)
 class Send:
     """Deliver ``msg`` to node ``to`` (possibly this node); its reply comes back tagged ``seq``."""
@@ -56,6 +57,11 @@ class Send:
     to: NodeId
     msg: Request
     seq: int
+
+    def __init__(self, to: NodeId, msg: Request, seq: int) -> None:
+        object.__setattr__(self, "to", to)
+        object.__setattr__(self, "msg", msg)
+        object.__setattr__(self, "seq", seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,10 @@ class SetTimer:
     delay_ms: float
     token: int
 
+    def __init__(self, delay_ms: float, token: int) -> None:
+        object.__setattr__(self, "delay_ms", delay_ms)
+        object.__setattr__(self, "token", token)
+
 
 @dataclass(frozen=True, slots=True)
 class Chosen:
@@ -72,10 +82,16 @@ class Chosen:
 
     proposal: Proposal
 
+    def __init__(self, proposal: Proposal) -> None:
+        object.__setattr__(self, "proposal", proposal)
+
 
 @dataclass(frozen=True, slots=True)
 class Empty:
     """Outcome of a read: nothing was chosen when the read began."""
+
+    def __init__(self) -> None:
+        pass
 
 
 class Failure(enum.Enum):
@@ -90,6 +106,10 @@ class Failed:
     kind: Failure
     reason: str
 
+    def __init__(self, kind: Failure, reason: str) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "reason", reason)
+
 
 Outcome = Chosen | Empty | Failed
 
@@ -97,6 +117,9 @@ Outcome = Chosen | Empty | Failed
 @dataclass(frozen=True, slots=True)
 class Done:
     outcome: Outcome
+
+    def __init__(self, outcome: Outcome) -> None:
+        object.__setattr__(self, "outcome", outcome)
 
 
 Effect = Send | SetTimer | Done
@@ -111,6 +134,27 @@ class ProposerConfig:
     #: How long a read waits for a missing answer that could still settle it (see
     #: _progress_read) before it completes the key through Paxos instead.
     straggler_ms: float = 20.0
+
+    def __init__(
+        self,
+        attempt_timeout_ms: float = 500.0,
+        backoff_min_ms: float = 2.0,
+        backoff_max_ms: float = 100.0,
+        deadline_ms: float = 3000.0,
+        straggler_ms: float = 20.0,
+    ) -> None:
+        object.__setattr__(self, "attempt_timeout_ms", attempt_timeout_ms)
+        object.__setattr__(self, "backoff_min_ms", backoff_min_ms)
+        object.__setattr__(self, "backoff_max_ms", backoff_max_ms)
+        object.__setattr__(self, "deadline_ms", deadline_ms)
+        object.__setattr__(self, "straggler_ms", straggler_ms)
+
+    def with_deadline(self, deadline_ms: float) -> ProposerConfig:
+        """This config with another deadline (what ``dataclasses.replace`` does, without its cost
+        on every forwarded write)."""
+        return ProposerConfig(
+            self.attempt_timeout_ms, self.backoff_min_ms, self.backoff_max_ms, deadline_ms, self.straggler_ms
+        )
 
 
 DEADLINE_TOKEN = -1
@@ -198,21 +242,22 @@ class Proposer:
             effects += self._begin_read()
         return effects
 
-    def start_fast(self, ballot: Ballot, only: Sequence[NodeId] | None = None) -> list[Effect]:
+    def start_fast(self, ballot: Ballot, only: Sequence[NodeId] | None = None, notify: int = 0) -> list[Effect]:
         """Start a write at the owner's reserved round-0 ``ballot``, skipping prepare.
 
         Safe only under the conditions docs/design.md gives, which the caller (NodeCore)
         guarantees. With ``only``, the accept goes to those acceptors alone and the proposal is
         chosen when every one of them accepted it; a nack or an unreachable one falls back to
         full Paxos at once. Otherwise it goes to all and a majority chooses it. A timeout falls
-        back to full Paxos at round 1 or above.
+        back to full Paxos at round 1 or above. ``notify`` goes in these round-0 accepts only
+        (:class:`Accept`: the node that forwarded the write, or 0).
         """
         assert self.phase is _Phase.IDLE and self.own is not None and ballot.round == FAST_ROUND
         self.attempts += 1
         self._ballot = ballot
         self._only = tuple(only) if only is not None else None
         effects: list[Effect] = [SetTimer(self.config.deadline_ms, DEADLINE_TOKEN)]
-        return effects + self._begin_accept(self.own)
+        return effects + self._begin_accept(self.own, notify)
 
     def on_timer(self, token: int) -> list[Effect]:
         if self.phase is _Phase.DONE:
@@ -302,12 +347,12 @@ class Proposer:
         self._ballot = Ballot(rnd, int(self.me), self.incarnation)
         return self._broadcast(Prepare(self.key, self._ballot))
 
-    def _begin_accept(self, proposal: Proposal) -> list[Effect]:
+    def _begin_accept(self, proposal: Proposal, notify: int = 0) -> list[Effect]:
         self._new_phase(_Phase.ACCEPT)
         self._value = proposal
         if self.own is not None and proposal.pid == self.own.pid:
             self.sent_own = True
-        return self._broadcast(Accept(self.key, self._ballot, proposal))
+        return self._broadcast(Accept(self.key, self._ballot, proposal, notify))
 
     def _retry(self) -> list[Effect]:
         """Back off for a random time that grows with the attempts, then prepare again."""
