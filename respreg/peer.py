@@ -42,7 +42,7 @@ import hmac
 import logging
 import os
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 import hiredis
 
@@ -106,18 +106,22 @@ def encode_request(req_id: int, msg: Request) -> bytes:
     return _cmd(b"PX", b"0", b"L", msg.key, msg.proposal.pid, msg.proposal.value)
 
 
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_I64_MIN: Final = -(2**63)
+_I64_MAX: Final = 2**63 - 1
+#: A number written in this many characters or fewer is within 64 bits (|n| < 10**18 < 2**63).
+_I64_SHORT: Final = 18
 
 
 def _i64(text: bytes) -> int:
     value = int(text)
-    if not _I64_MIN <= value <= _I64_MAX:
+    if len(text) > _I64_SHORT and not _I64_MIN <= value <= _I64_MAX:
         raise ValueError("number out of range")
     return value
 
 
 def _ballot(args: list[bytes]) -> Ballot:
-    return Ballot(_i64(args[0]), _i64(args[1]), _i64(args[2]))
+    # tuple.__new__ is what Ballot(...) runs, without the interpreted __new__ a NamedTuple has.
+    return tuple.__new__(Ballot, (_i64(args[0]), _i64(args[1]), _i64(args[2])))
 
 
 def decode_request(args: list[bytes]) -> tuple[int, Request]:

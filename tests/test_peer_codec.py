@@ -97,3 +97,27 @@ def test_malformed_forward_is_rejected(args: list[bytes]) -> None:
 def test_malformed_accept_or_vote_is_rejected(args: list[bytes]) -> None:
     with pytest.raises(ValueError):
         decode_request(args)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b"9223372036854775807", 2**63 - 1),
+        (b"-9223372036854775808", -(2**63)),
+        (b"999999999999999999", 10**18 - 1),
+        (b"-99999999999999999", -(10**17) + 1),
+        (b"9223372036854775808", None),
+        (b"-9223372036854775809", None),
+        (b"00000000000000000009223372036854775808", None),
+        (b"1" * 40, None),
+    ],
+)
+def test_ballot_numbers_must_fit_64_bits(text: bytes, value: int | None) -> None:
+    # What the state files can hold: a number past it is malformed, however it is written.
+    args = [b"5", b"P", b"k", b"1", b"2", text]
+    if value is None:
+        with pytest.raises(ValueError):
+            decode_request(args)
+    else:
+        assert decode_request(args) == (5, Prepare(b"k", Ballot(1, 2, value)))
+        assert type(decode_request(args)[1].ballot) is Ballot  # type: ignore[union-attr]

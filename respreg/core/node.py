@@ -174,6 +174,7 @@ PROPOSES_REMEMBERED = 65_536
 FAST_SPENT_REMEMBERED = 65_536
 
 
+# The operations' bookkeeping below spells out its __init__ too (the effects' comment above).
 @dataclass(slots=True)
 class _ReadRound:
     """Linearizable reads of one key sharing read rounds (see NodeCore.begin_read)."""
@@ -183,6 +184,12 @@ class _ReadRound:
     waiting: list[int]  # reads that started during that round: they need the next one
     deadlines: dict[int, float]
 
+    def __init__(self, leader: int, riders: list[int], waiting: list[int], deadlines: dict[int, float]) -> None:
+        self.leader = leader
+        self.riders = riders
+        self.waiting = waiting
+        self.deadlines = deadlines
+
 
 @dataclass(slots=True)
 class _WriteQueue:
@@ -190,6 +197,10 @@ class _WriteQueue:
 
     running: int
     waiting: list[tuple[int, Proposal, float]]
+
+    def __init__(self, running: int, waiting: list[tuple[int, Proposal, float]]) -> None:
+        self.running = running
+        self.waiting = waiting
 
 
 @dataclass(slots=True)
@@ -201,6 +212,12 @@ class _Forward:
     deadline_ms: float
     #: Nodes that vouched, durably, that they hold this proposal at a round-0 ballot (Voted).
     votes: dict[NodeId, Ballot] = field(default_factory=dict)
+
+    def __init__(self, key: bytes, proposal: Proposal, deadline_ms: float) -> None:
+        self.key = key
+        self.proposal = proposal
+        self.deadline_ms = deadline_ms
+        self.votes = {}
 
 
 class _Slot:
