@@ -205,7 +205,6 @@ class RequestParser:
         parts = window.split(b"\r\n")
         last = len(parts) - 1  # parts[last] is not followed by CRLF: never a complete line
         count_of = _COUNT_LINES.get
-        length_of = _BULK_LINES.get
         ready = self._ready
         max_args = self.max_args
         max_bulk = self.max_bulk
@@ -218,7 +217,7 @@ class RequestParser:
             line = parts[i]
             if line == _COUNT_2 and pairs:
                 # The most common shape (GET key) checked without a lookup: each length line
-                # must be the canonical line of its payload's length (as length_of would say).
+                # must be the canonical line of its payload's length (as a lookup in _BULK_LINES would say).
                 end = i + 5
                 if end > last:
                     break
@@ -244,11 +243,16 @@ class RequestParser:
             if end > last:
                 break
             # (A count of 2 is taken above: only "*2" counts 2, and past max_args it stops.)
-            args = parts[i + 2 : end : 2]
-            lengths = list(map(len, args))
-            if list(map(length_of, parts[i + 1 : end : 2])) != lengths or (check_bulk and max(lengths) > max_bulk):
+            # Each length line must be the canonical line of its payload's length, as above.
+            j = i + 1
+            while j < end:
+                n = len(parts[j + 1])
+                if n >= known or parts[j] != heads[n] or (check_bulk and n > max_bulk):
+                    break
+                j += 2
+            if j < end:
                 break
-            ready.append(args)
+            ready.append(parts[i + 2 : end : 2])
             i = end
         if i == last and not parts[last]:
             self._pos = pos + len(window)  # the whole window, which ends with a CRLF, was taken
