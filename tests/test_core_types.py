@@ -104,5 +104,7 @@ def test_defaults_apply() -> None:
     assert types.AcceptorState() == types.EMPTY_STATE
     assert types.AcceptorState().proposal is None
     assert types.Accept(b"k", types.NO_BALLOT, types.Proposal(b"p", b"v")).notify == 0
-    config = proposer.ProposerConfig()
-    assert config.with_deadline(1234.0) == dataclasses.replace(config, deadline_ms=1234.0)
+    # with_deadline keeps every other field (a field added later must be copied too).
+    others = proposer.ProposerConfig(*(1000.5 + i for i in range(len(dataclasses.fields(proposer.ProposerConfig)))))
+    for config in (proposer.ProposerConfig(), others):
+        assert config.with_deadline(1234.0) == dataclasses.replace(config, deadline_ms=1234.0)

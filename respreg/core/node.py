@@ -174,7 +174,8 @@ PROPOSES_REMEMBERED = 65_536
 FAST_SPENT_REMEMBERED = 65_536
 
 
-# The operations' bookkeeping below spells out its __init__ too (the effects' comment above).
+# The operations' bookkeeping below spells out its __init__ too (the effects' comment above;
+# private and built in one place each, these are not among the classes that test checks).
 @dataclass(slots=True)
 class _ReadRound:
     """Linearizable reads of one key sharing read rounds (see NodeCore.begin_read)."""
