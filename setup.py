@@ -17,7 +17,8 @@ from setuptools.command.build_ext import build_ext
 
 #: Left out: the command line (cli.py, __main__.py, run once), the package __init__ (it chooses
 #: between compiled and source modules), and storage.py (its exception classes derive from
-#: OSError, which mypyc cannot compile; its time goes to system calls anyway).
+#: OSError, which mypyc compiles only as plain classes; its time goes to system calls, and
+#: compiling it made no measured difference: benchmarks/PROFILE.md).
 COMPILED = [
     "respreg/chosenlog.py",
     "respreg/client.py",
