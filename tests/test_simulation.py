@@ -390,6 +390,33 @@ def test_every_reply_is_released_once_durable_with_a_small_state_cache() -> None
     assert isinstance(answered.get(102), Promise), f"reply to the Prepare of b never sent: {answered}"
 
 
+def test_a_full_state_cache_drops_clean_slots_in_runs_and_reloads_them_from_disk() -> None:
+    """Past ``state_cache_keys`` the cache drops its least recently used clean slots, a
+    sixty-fourth of the size more than needed at once (``NodeCore._evict``): it never holds more
+    than the size, a dropped key's promise comes back from disk, and a slot waiting for its
+    fsync is never dropped (its reply still leaves)."""
+    cap = 640
+    s = Scripted(3, NodeConfig(state_cache_keys=cap))
+    n2 = s.cores[NodeId(2)]
+    sizes = []
+    for i in range(3 * cap):
+        s.apply(NodeId(2), n2.on_request(NodeId(1), 1000 + i, Prepare(b"k%d" % i, Ballot(5, 1, 0))))
+        if i % 7 == 6:
+            s.flush(2)  # some slots stay dirty across inserts, as under a write load
+        sizes.append(n2.cached_states())
+    s.flush(2)
+    assert max(sizes) <= cap
+    assert min(sizes[cap:]) < cap - 1, "the cache never dropped more than one slot at a time"
+    answered = {r.req_id: r.reply for r in s.replies}
+    assert all(isinstance(answered.get(1000 + i), Promise) for i in range(3 * cap)), "a reply was lost"
+    # k0 was dropped long ago: its promise at round 5 is read back, so a lower ballot is refused.
+    s.replies.clear()
+    s.apply(NodeId(2), n2.on_request(NodeId(1), 99, Prepare(b"k0", Ballot(3, 1, 0))))
+    s.flush(2)
+    assert [r.reply for r in s.replies if r.req_id == 99] and not isinstance(
+        next(r.reply for r in s.replies if r.req_id == 99), Promise
+    ), "the promise of a dropped key was forgotten"
+
 
 # ---- amnesia: a wiped node rebuilds itself before it votes ------------------------------------
 
