@@ -841,6 +841,7 @@ class NodeServer:
             "sync_mode": self._files.sync if self._files is not None else "",
             "syncfs_batches": self._files.syncfs_batches if self._files is not None else 0,
             "spare_files_ready": self._files.spares_ready() if self._files is not None else 0,
+            "spare_files": self._files.spare_kind() if self._files is not None else "none",
             "key_index": self._key_index_status(),
             "chosen_log_loaded": int(clog is not None and clog.loaded),
             "chosen_log_records": clog.records if clog is not None else 0,

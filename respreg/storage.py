@@ -67,6 +67,9 @@ so a spare name that a crash left behind after its file became a key file (a fil
 lost the spare directory's half of the rename) is never written through. Spares left by an earlier
 process are reused. Only the serving process, which holds the data directory's lock, uses
 spare files (``KeyFiles(spares=...)``); other users of a store (tools, tests) create temp files.
+Where the file system has unnamed files (O_TMPFILE), the serving process keeps most of its spares
+unnamed and open, and a batch synced with syncfs links each straight onto its key's name once its
+data is durable (:class:`_Spares`; the argument is in docs/design.md, *Unnamed spare files*).
 
 node.meta format (version 2; version 1 is still read)
 ------------------------------------------------------
@@ -311,39 +314,62 @@ def _not_durable(exc: OSError) -> DurabilityError:
 
 
 def _rename_all(pending: list[tuple[str, str]]) -> None:
-    """Rename each (final, temp) temp file onto its final name, in order. If a rename fails, the
-    temp files not yet renamed are removed and the error is raised: as it is when nothing was
-    renamed yet (nothing visible changed), as a DurabilityError otherwise."""
-    for i, (final, tmp) in enumerate(pending):
+    """Rename each (final, temp) temp file onto its final name, in order (see _publish_all)."""
+    _publish_all([(final, tmp, -1) for final, tmp in pending], None)
+
+
+def _publish_all(pending: list[tuple[str, str, int]], link: Linker | None) -> None:
+    """Put each (final, temp, descriptor) file in place, in order: a temp file is renamed onto
+    its final name; an unnamed file (temp "") is linked there with ``link`` (see
+    _name_unnamed). If a step fails, the temp files not yet renamed are removed and the error is
+    raised: as it is when nothing was put in place yet (nothing visible changed), as a
+    DurabilityError otherwise."""
+    for i, (final, tmp, fd) in enumerate(pending):
         try:
-            os.replace(tmp, final)
+            if tmp:
+                os.replace(tmp, final)
+            else:
+                assert link is not None
+                _name_unnamed(link, fd, final)
         except OSError as exc:
-            for _, left in pending[i:]:
-                _unlink_quietly(left)
+            for _, left, _ in pending[i:]:
+                if left:
+                    _unlink_quietly(left)
             if i == 0:
                 raise
             raise _not_durable(exc) from exc
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def _write_close(fd: int, data: bytes, *, fsync: bool) -> None:
     """Write all of ``data`` to ``fd``, fsync it if asked, and close it (also when a step fails)."""
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        _write_all(fd, data)
         if fsync:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _libc_function(name: str) -> ctypes._NamedFuncPointer | None:
+    """The C library's function ``name`` (errno kept for ctypes.get_errno), or None."""
+    try:
+        fn: ctypes._NamedFuncPointer = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
 def _load_syncfs() -> Callable[[int], None] | None:
     """syncfs(2) from the C library, raising OSError on failure; None where there is none."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
+    fn = _libc_function("syncfs")
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -363,6 +389,86 @@ SYNC_MODES = ("auto", "fsync", "syncfs")
 #: In syncfs mode, smaller batches still use fsync: two syncs of the whole file system cost more
 #: than a file's and a directory's fsync when there is nothing to share them with.
 SYNCFS_MIN_BATCH = 4
+
+
+#: linkat(2) flags and its "current directory" descriptor (the values are Linux's).
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_AT_EMPTY_PATH = 0x1000
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+#: Gives the unnamed file open as a descriptor a name: (descriptor, path).
+Linker = Callable[[int, str], None]
+
+
+def _load_linkers() -> list[Linker]:
+    """The ways to give an O_TMPFILE file a name, best first: linkat(2) on the descriptor itself
+    (AT_EMPTY_PATH; the kernel may ask for CAP_DAC_READ_SEARCH), then on its /proc/self/fd link
+    (AT_SYMLINK_FOLLOW; any user, where /proc is mounted). Empty where linkat is missing."""
+    fn = _libc_function("linkat")
+    if fn is None or not _O_TMPFILE:
+        return []
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, source: bytes, path: str, flags: int) -> None:
+        if fn(fd, source, _AT_FDCWD, os.fsencode(path), flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+
+    def by_descriptor(fd: int, path: str) -> None:
+        call(fd, b"", path, _AT_EMPTY_PATH)
+
+    def by_proc_path(fd: int, path: str) -> None:
+        call(_AT_FDCWD, b"/proc/self/fd/%d" % fd, path, _AT_SYMLINK_FOLLOW)
+
+    return [by_descriptor, by_proc_path]
+
+
+_LINKERS = _load_linkers()
+
+
+def _create_unnamed(directory: str) -> int:
+    """A new file with no name yet (O_TMPFILE) on ``directory``'s file system, open for writing."""
+    return os.open(directory, os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+
+
+def _unnamed_file_linker(directory: str) -> Linker | None:
+    """The first of :data:`_LINKERS` that names an unnamed file in ``directory`` here, or None
+    when this kernel or file system offers neither O_TMPFILE nor a way to link such a file."""
+    try:
+        fd = _create_unnamed(directory)
+    except OSError:
+        return None
+    try:
+        probe = os.path.join(directory, f".link-probe.{_TEMP_TAG}")
+        for linker in _LINKERS:
+            try:
+                linker(fd, probe)
+            except OSError:
+                continue
+            os.unlink(probe)
+            return linker
+        return None
+    finally:
+        os.close(fd)
+
+
+def _name_unnamed(link: Linker, fd: int, final: str) -> None:
+    """Give the unnamed file ``fd`` the name ``final``, replacing any file already there: a key
+    with no file gets its name in one step; otherwise the file gets a temp name next to
+    ``final`` first and is renamed over it (the temp name is removed if that fails)."""
+    try:
+        link(fd, final)
+        return
+    except FileExistsError:
+        pass
+    tmp = _temp_name(final)
+    link(fd, tmp)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -476,45 +582,91 @@ class _Spares:
     needs no ``open`` (nor the checks of :func:`_open_spare`: the descriptor is the file this
     process created, and only this process renames spares); that holds up to ``kept``
     descriptors. Spares left by an earlier process are handed out by name only.
+
+    With ``hold_open`` and ``unnamed``, where the file system allows it, most of the stock
+    (``kept`` less a sixteenth) is files with no name at all (O_TMPFILE, in ``directory``),
+    which a staged batch links straight onto its keys' names (:attr:`link`): one directory
+    change instead of a create in the spare directory and a rename out of it, and a crash
+    leaves nothing behind (the kernel frees a file that never got a name). The rest are named
+    spares, for the small batches that fsync each file (a named spare's directory entry is
+    made here, ahead of need, not on the write's path). The descriptors of unnamed spares taken
+    for a batch stay open until the batch is done; :meth:`release` gives them back, and the
+    thread tops up only while those ready and those out stay under their share.
     """
 
-    def __init__(self, directory: Path, kept: int, *, hold_open: bool = False) -> None:
+    def __init__(self, directory: Path, kept: int, *, hold_open: bool = False, unnamed: bool = False) -> None:
         self.directory = directory
         self._text = str(directory)
-        self._kept = kept
-        self._hold_open = hold_open
+        self.hold_open = hold_open
         self._lock = threading.Lock()
-        #: (name, descriptor open for writing, or -1 if only the name is held)
+        #: Named spares: (name, descriptor open for writing, or -1 if only the name is held).
         self._ready: list[tuple[str, int]] = []
+        #: Unnamed spares: their descriptors, open for writing.
+        self._unnamed: list[int] = []
+        #: Unnamed spares taken and not released yet.
+        self._out = 0
         self._wanted = threading.Event()
         self._stop = False
         _makedirs_durably(directory)
+        #: How unnamed spares get their names; None: every spare is a named file.
+        self.link = _unnamed_file_linker(self._text) if hold_open and unnamed else None
+        self._named_kept = kept if self.link is None else max(1, kept // 16)
+        self._unnamed_kept = kept - self._named_kept
         # Reuse what an earlier process left (names of our own tag cannot be among them).
         self._ready = [(os.path.join(self._text, n), -1) for n in os.listdir(directory) if n.endswith(".spare")]
         self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
         self._wanted.set()
         self._thread.start()
 
-    def take(self) -> tuple[str, int] | None:
-        """A spare: its name and an open descriptor, or -1 for the caller to open the name."""
+    def take(self, *, unnamed_ok: bool = False) -> tuple[str, int] | None:
+        """A spare: its name and an open descriptor, or -1 for the caller to open the name. With
+        ``unnamed_ok`` an unnamed spare first: name "", which the caller must :meth:`release`
+        once it closed it. Without, a named spare first; when none is left an unnamed one."""
         with self._lock:
-            spare = self._ready.pop() if self._ready else None
-            low = len(self._ready) < self._kept // 2
+            spare: tuple[str, int] | None = None
+            if self._unnamed and (unnamed_ok or not self._ready):
+                spare = ("", self._unnamed.pop())
+                self._out += 1
+            elif self._ready:
+                spare = self._ready.pop()
+            low = self._low()
         if low:
             self._wanted.set()
         return spare
 
+    def release(self, count: int) -> None:
+        """``count`` unnamed spares taken earlier are closed: the thread may make as many again."""
+        with self._lock:
+            self._out -= count
+            low = self._low()
+        if low:
+            self._wanted.set()
+
+    def _low(self) -> bool:
+        # Called with the lock held.
+        return len(self._ready) < self._named_kept // 2 or len(self._unnamed) < self._unnamed_kept // 2
+
     def ready(self) -> int:
         with self._lock:
-            return len(self._ready)
+            return len(self._ready) + len(self._unnamed)
+
+    def _next_kind(self) -> str | None:
+        """What the thread should make next: "unnamed", "named", or None (the stock is full)."""
+        with self._lock:
+            if len(self._unnamed) + self._out < self._unnamed_kept:
+                return "unnamed"
+            if len(self._ready) < self._named_kept:
+                return "named"
+            return None
 
     def close(self) -> None:
         self._stop = True
         self._wanted.set()
         self._thread.join(timeout=5)
         with self._lock:
-            held, self._ready = self._ready, []
-        for _, fd in held:
+            held = [fd for _, fd in self._ready] + self._unnamed
+            self._ready, self._unnamed = [], []
+        for fd in held:
             if fd >= 0:
                 os.close(fd)
 
@@ -525,11 +677,16 @@ class _Spares:
             self._wanted.clear()
             if self._stop:
                 return
-            while not self._stop and self.ready() < self._kept:
-                name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
+            while not self._stop and (kind := self._next_kind()) is not None:
                 try:
+                    if kind == "unnamed":
+                        fd = _create_unnamed(self._text)
+                        with self._lock:
+                            self._unnamed.append(fd)
+                        continue
+                    name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
                     fd = _create(name)
-                    if not self._hold_open:
+                    if not self.hold_open:
                         os.close(fd)
                         fd = -1
                 except OSError:
@@ -579,19 +736,24 @@ class StagedBatch:
     1. :meth:`sync_data` (blocking: run it in a thread) makes the files' data durable with one
        syncfs through a descriptor of one of them. An OSError here means nothing visible
        changed.
-    2. :meth:`publish` renames every file onto its key's name, in order (cheap: no disk wait).
-    3. :meth:`sync_names` (blocking) makes the renames durable with a second syncfs, through the
-       keys directory. An error here, or in step 2 after a rename, is a DurabilityError.
+    2. :meth:`publish` puts every file in place under its key's name, in order: a temp or named
+       spare file is renamed, an unnamed spare linked (cheap: no disk wait).
+    3. :meth:`sync_names` (blocking) makes the new names durable with a second syncfs, through
+       the keys directory. An error here, or in step 2 after a name changed, is a
+       DurabilityError.
 
-    :meth:`close` releases the descriptors and removes any file not renamed (a step failed or
-    was never run); call it in every case.
+    :meth:`close` releases the descriptors (and the unnamed spares, with ``release``) and
+    removes any file not put in place (a step failed or was never run); call it in every case.
     """
 
-    def __init__(self, names_fd: int) -> None:
-        #: (final name, temp or spare file) of every state, in the order they are renamed.
-        self.renames: list[tuple[str, str]] = []
+    def __init__(self, names_fd: int, link: Linker | None = None, release: Callable[[int], None] | None = None) -> None:
+        #: (final name, temp or spare file, or "" for an unnamed spare, the unnamed spare's
+        #: descriptor or -1) of every state, in the order they are put in place.
+        self.files: list[tuple[str, str, int]] = []
         self.data_fd = -1
         self.names_fd = names_fd
+        self._link = link
+        self._release = release
         #: The temp files are no longer ours to remove: renamed, or removed by a failed publish.
         self._published = False
 
@@ -601,7 +763,7 @@ class StagedBatch:
 
     def publish(self) -> None:
         try:
-            _rename_all(self.renames)
+            _publish_all(self.files, self._link)
         finally:
             self._published = True
 
@@ -614,13 +776,18 @@ class StagedBatch:
 
     def close(self) -> None:
         if not self._published:
-            for _, left in self.renames:
-                _unlink_quietly(left)
+            for _, left, _ in self.files:
+                if left:
+                    _unlink_quietly(left)
             self._published = True
-        for fd in (self.data_fd, self.names_fd):
+        unnamed = [fd for _, _, fd in self.files if fd >= 0]
+        self.files = []
+        for fd in (self.data_fd, self.names_fd, *unnamed):
             if fd >= 0:
                 os.close(fd)
         self.data_fd = self.names_fd = -1
+        if unnamed and self._release is not None:
+            self._release(len(unnamed))
 
 
 def _file_name(key: bytes) -> str:
@@ -638,13 +805,15 @@ class KeyFiles:
         workers: int = 8,
         spares: int = 0,
         hold_spares_open: bool = False,
+        unnamed_spares: bool = True,
         sync: str = "fsync",
         index: bool = False,
         list_later: bool = False,
     ) -> None:
         """``workers`` threads fsync files in parallel; ``spares`` empty files are kept ready for
         writes (held open with ``hold_spares_open``: that many more descriptors, see
-        :class:`_Spares`), and ``index`` keeps the names of the files that may exist in memory
+        :class:`_Spares`; unnamed where the file system allows it, unless ``unnamed_spares`` is
+        False), and ``index`` keeps the names of the files that may exist in memory
         (see :class:`KnownNames`; its listing of the files starts at once, or with
         ``list_later`` when the caller starts it): these three only for the process holding
         the data directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs"
@@ -665,7 +834,11 @@ class KeyFiles:
         self._root_text = str(self.root)
         # Spare files only for the one process that owns the directory (it holds the LOCK): two
         # processes taking the same spare would write into one file.
-        self._spares = _Spares(self.root / SPARE_DIR_NAME, spares, hold_open=hold_spares_open) if spares > 0 else None
+        self._spares = (
+            _Spares(self.root / SPARE_DIR_NAME, spares, hold_open=hold_spares_open, unnamed=unnamed_spares)
+            if spares > 0
+            else None
+        )
         # The marker says the store has its one-level layout: start-up then costs the same
         # with a million keys as with none. Without it (a new store, or one written by 0.1), the
         # directories are created and old files moved up before the marker is written.
@@ -818,12 +991,29 @@ class KeyFiles:
         except OSError as exc:
             raise _not_durable(exc) from exc
 
-    def _open_new(self, final: str) -> tuple[int, str]:
+    def _open_new(self, final: str, *, unnamed_ok: bool = False) -> tuple[int, str]:
         """A descriptor (for writing) and the path of the file that will become ``final``: a
-        spare file if one is ready, else a new temp file next to ``final``."""
-        taken = self._spares.take() if self._spares is not None else None
+        spare file if one is ready, else a new temp file next to ``final``. An unnamed spare
+        comes with the path "" if ``unnamed_ok`` (the caller links it and releases it, see
+        StagedBatch); otherwise it first gets a temp name next to ``final``."""
+        spares = self._spares
+        taken = spares.take(unnamed_ok=unnamed_ok) if spares is not None else None
         if taken is not None:
+            assert spares is not None
             spare, held = taken
+            if not spare:
+                if unnamed_ok:
+                    return held, ""
+                tmp = _temp_name(final)
+                try:
+                    assert spares.link is not None
+                    spares.link(held, tmp)
+                except OSError:
+                    os.close(held)
+                    return _create(tmp), tmp
+                finally:
+                    spares.release(1)  # closed by the caller, soon
+                return held, tmp
             fd = held if held >= 0 else _open_spare(spare)
             if fd is not None:
                 return fd, spare
@@ -861,13 +1051,29 @@ class KeyFiles:
         self.syncfs_batches += 1
         # Both descriptors the syncs go through are opened before any of the batch's data is
         # written: syncfs reports the write-back errors that happened after that.
-        batch = StagedBatch(os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        spares = self._spares
+        names_fd = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if spares is None or spares.link is None:
+            batch = StagedBatch(names_fd)
+        else:
+            batch = StagedBatch(names_fd, spares.link, spares.release)
         try:
             for final, data in jobs:
-                fd, tmp = self._open_new(final)
-                batch.renames.append((final, tmp))
-                if batch.data_fd < 0:
-                    batch.data_fd = os.dup(fd)
+                fd, tmp = self._open_new(final, unnamed_ok=True)
+                if not tmp:
+                    # Held open until it is linked onto its name (publish); closed by close.
+                    batch.files.append((final, "", fd))
+                    if batch.data_fd < 0:
+                        batch.data_fd = os.dup(fd)
+                    _write_all(fd, data)
+                    continue
+                batch.files.append((final, tmp, -1))
+                try:
+                    if batch.data_fd < 0:
+                        batch.data_fd = os.dup(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 _write_close(fd, data, fsync=False)
         except BaseException:
             batch.close()
@@ -877,6 +1083,15 @@ class KeyFiles:
     def spares_ready(self) -> int:
         """Spare files ready for writes right now (see the module docstring)."""
         return self._spares.ready() if self._spares is not None else 0
+
+    def spare_kind(self) -> str:
+        """How spare files are kept: unnamed, held (named, held open), named or none (_Spares)."""
+        spares = self._spares
+        if spares is None:
+            return "none"
+        if spares.link is not None:
+            return "unnamed"
+        return "held" if spares.hold_open else "named"
 
     def close(self) -> None:
         """Stop the worker threads (waits for running writes)."""

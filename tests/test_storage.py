@@ -8,11 +8,14 @@ import hashlib
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from hypothesis import given, settings
@@ -605,13 +608,21 @@ def test_group_commit_in_syncfs_mode_reports_a_failed_sync_to_every_write(
         files.close()
 
 
+@pytest.mark.parametrize("spares", ["no-spares", "unnamed"])
 @pytest.mark.parametrize("blocked_first", [True, False])
-def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blocked_first: bool) -> None:
-    """A rename that fails before any other of its batch is a plain OSError (nothing visible
-    changed); after one, a DurabilityError. The files not renamed are removed."""
+def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blocked_first: bool, spares: str) -> None:
+    """A rename (or, for an unnamed spare, a link) that fails before any other of its batch is a
+    plain OSError (nothing visible changed); after one, a DurabilityError. The files not renamed
+    are removed, and unnamed spares go back to the stock."""
     _needs_syncfs()
-    files = KeyFiles(tmp_path / "keys", sync="syncfs")
+    if spares == "unnamed":
+        files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=16, **SPARE_KINDS["unnamed"])
+        _needs_unnamed(files)
+        _wait_spares(files, 16)
+    else:
+        files = KeyFiles(tmp_path / "keys", sync="syncfs")
     _block_path_with_directory(files, b"blocked")
+    fds_before = _open_fds()
     good = [(b"fine-%d" % i, state_for(i)) for i in range(5)]
     items = [(b"blocked", SAMPLE), *good] if blocked_first else [*good, (b"blocked", SAMPLE)]
     try:
@@ -620,6 +631,110 @@ def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blo
         assert all(isinstance(err, storage.DurabilityError) != blocked_first for err in outcomes), outcomes
         assert [files.load(key) for key, _ in good] == ([None] * 5 if blocked_first else [s for _, s in good])
         assert not list(files.root.rglob("*.tmp"))
+        if spares == "unnamed":
+            # The six taken are closed; ten are left (over half the stock: no refill yet).
+            assert files.spares_ready() == 10
+            assert _open_fds() == fds_before - 6
+            # A sixteenth of the stock is named (for small batches), untouched by this one.
+            assert len(list((files.root / SPARE_DIR_NAME).iterdir())) == 1
+    finally:
+        files.close()
+
+
+@pytest.mark.parametrize("linker", ["descriptor", "proc-path"])
+def test_an_unnamed_spare_replaces_an_existing_key_file(
+    tmp_path: Path, sync: str, linker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key that has a file already: the unnamed spare gets a temp name beside it and is
+    renamed over it, in both sync modes (batches of four or more are staged in syncfs mode), and
+    with either way of naming an unnamed file (the one the kernel allows is probed for)."""
+    if len(storage._LINKERS) == 2:
+        monkeypatch.setattr(
+            storage, "_LINKERS", storage._LINKERS[:1] if linker == "descriptor" else storage._LINKERS[1:]
+        )
+    files = KeyFiles(tmp_path / "keys", sync=sync, spares=32, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    try:
+        keys = [b"again:%d" % i for i in range(6)]
+        for round_ in range(3):
+            items = [(key, state_for(10 * round_ + i)) for i, key in enumerate(keys)]
+            files.write_many(items)
+            files.write_many(items[:1])  # a batch of one: fsync in both modes
+            assert [files.load(key) for key in keys] == [state for _, state in items]
+            assert all(os.stat(files.path_for(key)).st_nlink == 1 for key in keys)
+            assert not list(files.root.rglob("*.tmp"))
+    finally:
+        files.close()
+    reopened = KeyFiles(files.root)
+    try:
+        assert [reopened.load(key) for key in keys] == [state for _, state in items]
+    finally:
+        reopened.close()
+
+
+def test_a_batch_larger_than_the_stock_of_unnamed_spares_creates_temp_files_for_the_rest(tmp_path: Path) -> None:
+    _needs_syncfs()
+    before = _open_fds()
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=8, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    try:
+        _wait_spares(files, 8)
+        items = [(b"many:%d" % i, state_for(i)) for i in range(20)]
+        batch = files.stage(items)
+        try:
+            # Eight kept: seven unnamed and one named (a sixteenth, at least one).
+            unnamed = [fd for _, tmp, fd in batch.files if not tmp]
+            assert len(unnamed) == 7 and all(fd >= 0 for fd in unnamed)
+            # The rest: named spares (the thread makes more of them meanwhile), then temp files.
+            named = [tmp for _, tmp, _ in batch.files if tmp.endswith(".spare")]
+            assert len(named) >= 1 and len(named) + len([t for _, t, _ in batch.files if t.endswith(".tmp")]) == 13
+            batch.sync_data()
+            batch.publish()
+            batch.sync_names()
+        finally:
+            batch.close()
+        assert [files.load(key) for key, _ in items] == [state for _, state in items]
+        assert not list(files.root.rglob("*.tmp"))
+        _wait_spares(files, 8)
+        assert _open_fds() == before + 8  # the batch's descriptors are closed; the stock is held
+    finally:
+        files.close()
+    assert _open_fds() == before
+
+
+_CRASH_MID_BATCH = """
+import os, sys, time
+from respreg.core.types import AcceptorState, Ballot, Proposal
+from respreg.storage import KeyFiles
+files = KeyFiles(sys.argv[1], sync=sys.argv[2], spares=16, hold_spares_open=True)
+for _ in range(500):
+    if files.spares_ready() >= 16:
+        break
+    time.sleep(0.01)
+state = AcceptorState(Ballot(1, 1, 1), Ballot(1, 1, 1), Proposal(b"p", b"v"))
+batch = files.stage([(b"lost:%d" % i, state) for i in range(6)])
+batch.sync_data()  # the data is durable, and no file has a name yet
+print(files.spare_kind(), flush=True)
+os._exit(0)  # no close, no publish: a crash
+"""
+
+
+def test_a_crash_before_unnamed_spares_are_named_leaves_nothing_behind(tmp_path: Path) -> None:
+    _needs_syncfs()
+    root = tmp_path / "keys"
+    run = subprocess.run(
+        [sys.executable, "-c", _CRASH_MID_BATCH, str(root), "syncfs"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    if run.stdout.strip() != "unnamed":
+        pytest.skip("this kernel or file system offers no O_TMPFILE file that linkat can name")
+    left = [p for p in root.rglob("*") if p.is_file() and p.name != storage.LAYOUT_MARKER]
+    # No key file, no temp file: the kernel freed the unnamed files; only the one named spare
+    # (a sixteenth of the stock) is left, for the next process.
+    assert [p.parent.name for p in left] == [SPARE_DIR_NAME]
+    files = KeyFiles(root)
+    try:
+        assert [files.load(b"lost:%d" % i) for i in range(6)] == [None] * 6
     finally:
         files.close()
 
@@ -776,19 +891,54 @@ def _wait_spares(files: KeyFiles, at_least: int) -> None:
     raise AssertionError(f"only {files.spares_ready()} spare files became ready")
 
 
-@pytest.mark.parametrize("hold", [False, True], ids=["names", "held-open"])
-def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str, hold: bool) -> None:
+def _needs_unnamed(files: KeyFiles) -> None:
+    if files.spare_kind() != "unnamed":
+        files.close()
+        pytest.skip("this kernel or file system offers no O_TMPFILE file that linkat can name")
+
+
+class SpareArgs(TypedDict, total=False):
+    hold_spares_open: bool
+    unnamed_spares: bool
+
+
+#: KeyFiles arguments of each kind of spare file.
+SPARE_KINDS: dict[str, SpareArgs] = {
+    "names": {"hold_spares_open": False},
+    "held-open": {"hold_spares_open": True, "unnamed_spares": False},
+    "unnamed": {"hold_spares_open": True, "unnamed_spares": True},
+}
+
+
+@pytest.mark.parametrize("kind", list(SPARE_KINDS))
+def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str, kind: str) -> None:
     # 32 kept: taking 10 leaves more than half, so no refill runs during the batch (a refill
     # could hand out a spare created after the listing below).
-    files = KeyFiles(tmp_path / "keys", spares=32, sync=sync, hold_spares_open=hold)
+    files = KeyFiles(tmp_path / "keys", spares=32, sync=sync, **SPARE_KINDS[kind])
+    if kind == "unnamed":
+        _needs_unnamed(files)
+    else:
+        assert files.spare_kind() == ("held" if kind == "held-open" else "named")
     try:
         _wait_spares(files, 32)
         spare_dir = files.root / SPARE_DIR_NAME
         before = {p.name for p in spare_dir.iterdir()}
+        fds_before = _open_fds()
         items = [(b"spare:%d" % i, SAMPLE) for i in range(10)]
         files.write_many(items)
-        used = before - {p.name for p in spare_dir.iterdir()}
-        assert len(used) == 10, "each write took a spare instead of creating a temp file"
+        if kind == "unnamed" and sync == "syncfs":
+            # A staged batch: ten of the held unnamed descriptors were written, linked onto
+            # their keys and closed; the two named spares (a sixteenth of the stock) are left.
+            assert len(before) == 2 and before == {p.name for p in spare_dir.iterdir()}
+            assert files.spares_ready() == 22
+            assert _open_fds() == fds_before - 10
+        elif kind == "unnamed":
+            # Batches that fsync each file take the named spares first (both are gone, renamed
+            # onto keys; the thread makes new ones), then unnamed ones, named beside their keys.
+            assert len(before) == 2 and not before & {p.name for p in spare_dir.iterdir()}
+        else:
+            used = before - {p.name for p in spare_dir.iterdir()}
+            assert len(used) == 10, "each write took a spare instead of creating a temp file"
         for key, state in items:
             assert files.load(key) == state
             assert os.stat(files.path_for(key)).st_nlink == 1
@@ -823,26 +973,47 @@ def test_only_a_store_opened_with_spares_touches_the_spare_files(tmp_path: Path)
         owner.close()
 
 
-@pytest.mark.parametrize("hold", [False, True], ids=["names", "held-open"])
-def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path, hold: bool) -> None:
+@pytest.mark.parametrize("kind", list(SPARE_KINDS))
+def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path, kind: str) -> None:
     root = tmp_path / "keys"
-    files = KeyFiles(root, spares=16, hold_spares_open=hold)
-    _wait_spares(files, 16)
-    files.close()
-    for _ in range(3):
-        again = KeyFiles(root, spares=16, hold_spares_open=hold)
+    args = SPARE_KINDS[kind]
+    for _ in range(4):
+        again = KeyFiles(root, spares=16, **args)
+        if kind == "unnamed":
+            _needs_unnamed(again)
         _wait_spares(again, 16)
         again.close()
-    assert len(list((root / SPARE_DIR_NAME).iterdir())) == 16
+    # Named spares are left behind, to be reused; unnamed ones vanish with their process (of
+    # those sixteen, one is named: a sixteenth of the stock).
+    assert len(list((root / SPARE_DIR_NAME).iterdir())) == (1 if kind == "unnamed" else 16)
     # The ones left behind are handed out by name, and written through like any other.
-    last = KeyFiles(root, spares=16, hold_spares_open=hold)
+    last = KeyFiles(root, spares=16, **args)
     try:
         items = [(b"reused:%d" % i, state_for(i)) for i in range(4)]
         last.write_many(items)
         assert all(last.load(key) == state for key, state in items)
     finally:
         last.close()
-    assert len(list((root / SPARE_DIR_NAME).iterdir())) <= 16
+    assert len(list((root / SPARE_DIR_NAME).iterdir())) <= (1 if kind == "unnamed" else 16)
+
+
+def test_named_spares_left_behind_are_used_up_by_a_store_with_unnamed_spares(tmp_path: Path, sync: str) -> None:
+    root = tmp_path / "keys"
+    earlier = KeyFiles(root, spares=16, **SPARE_KINDS["held-open"])
+    _wait_spares(earlier, 16)
+    earlier.close()
+    files = KeyFiles(root, sync=sync, spares=16, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    try:
+        _wait_spares(files, 31)  # the sixteen names left, and fifteen unnamed spares
+        items = [(b"after:%d" % i, state_for(i)) for i in range(4)]
+        for item in items:
+            files.write_many([item])  # small batches take named spares first
+        assert len(list((root / SPARE_DIR_NAME).iterdir())) == 12
+        assert [files.load(key) for key, _ in items] == [state for _, state in items]
+        assert all(os.stat(files.path_for(key)).st_nlink == 1 for key, _ in items)
+    finally:
+        files.close()
 
 
 def _open_fds() -> int:
