@@ -790,6 +790,10 @@ class StagedBatch:
             self._release(len(unnamed))
 
 
+#: How many file names of keys loaded without state are kept for their first write.
+FRESH_NAMES_KEPT = 4096
+
+
 def _file_name(key: bytes) -> str:
     """The name of ``key``'s file (see "Per-key file names" above)."""
     return hashlib.blake2b(key, digest_size=16).hexdigest()
@@ -850,6 +854,10 @@ class KeyFiles:
             _fsync_dir(self.root)
         # Listed after the layout is final; None: every load opens its file.
         self.known: KnownNames | None = KnownNames(self._root_text) if index else None
+        #: File names of keys that :meth:`load` found without state, for their first write (a
+        #: fresh key is loaded and then written: its name is hashed once). Bounded: cleared
+        #: when full (keys loaded and never written, such as reads of missing keys).
+        self._fresh_names: dict[bytes, str] = {}
         if self.known is not None and not list_later:
             self.known.start()
 
@@ -897,7 +905,7 @@ class KeyFiles:
 
     def _path_to_write(self, key: bytes) -> str:
         """The file of ``key``, whose name is known to exist from now on (see KnownNames)."""
-        name = _file_name(key)
+        name = self._fresh_names.pop(key, None) or _file_name(key)
         if self.known is not None:
             self.known.add(int(name, 16))
         return self._path_of(name)
@@ -909,6 +917,10 @@ class KeyFiles:
         """
         name = _file_name(key)
         if self.known is not None and not self.known.may_exist(int(name, 16)):
+            fresh = self._fresh_names
+            if len(fresh) >= FRESH_NAMES_KEPT:
+                fresh.clear()
+            fresh[key] = name
             return None  # never written: no file to open
         path = self._path_of(name)
         try:

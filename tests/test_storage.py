@@ -1146,6 +1146,38 @@ def test_the_name_index_answers_never_written_keys_without_opening_a_file(
         files.close()
 
 
+def test_a_fresh_key_loaded_then_written_has_its_name_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    files = KeyFiles(tmp_path / "keys", index=True, sync=sync)
+    try:
+        assert files.known is not None and files.known.wait(30)
+        hashed: list[bytes] = []
+        real_file_name = storage._file_name
+
+        def counting_file_name(key: bytes) -> str:
+            hashed.append(key)
+            return real_file_name(key)
+
+        monkeypatch.setattr(storage, "_file_name", counting_file_name)
+        items = [(b"once:%d" % i, state_for(i)) for i in range(6)]
+        assert [files.load(key) for key, _ in items] == [None] * 6
+        files.write_many(items)
+        assert hashed == [key for key, _ in items]
+        # Keys loaded without state and never written (reads of missing keys) are kept boundedly.
+        for i in range(storage.FRESH_NAMES_KEPT + 100):
+            assert files.load(b"never:%d" % i) is None
+        assert len(files._fresh_names) <= storage.FRESH_NAMES_KEPT
+        hashed.clear()
+        files.write_many([(b"never:3", SAMPLE)])  # its name was dropped with the rest: hashed again
+        assert hashed == [b"never:3"]
+        monkeypatch.undo()
+        assert [files.load(key) for key, _ in items] == [state for _, state in items]
+        assert files.load(b"never:3") == SAMPLE
+    finally:
+        files.close()
+
+
 def test_keys_written_while_the_names_are_listed_are_never_reported_absent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
