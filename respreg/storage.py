@@ -446,7 +446,7 @@ def _unnamed_file_linker(directory: str) -> Linker | None:
                 linker(fd, probe)
             except OSError:
                 continue
-            os.unlink(probe)
+            _unlink_quietly(probe)
             return linker
         return None
     finally:
@@ -816,8 +816,8 @@ class KeyFiles:
     ) -> None:
         """``workers`` threads fsync files in parallel; ``spares`` empty files are kept ready for
         writes (held open with ``hold_spares_open``: that many more descriptors, see
-        :class:`_Spares`; unnamed where the file system allows it, unless ``unnamed_spares`` is
-        False), and ``index`` keeps the names of the files that may exist in memory
+        :class:`_Spares`; in syncfs mode unnamed where the file system allows it, unless
+        ``unnamed_spares`` is False), and ``index`` keeps the names of the files that may exist in memory
         (see :class:`KnownNames`; its listing of the files starts at once, or with
         ``list_later`` when the caller starts it): these three only for the process holding
         the data directory's lock. ``sync`` is how a batch is made durable: "fsync", "syncfs"
@@ -839,7 +839,13 @@ class KeyFiles:
         # Spare files only for the one process that owns the directory (it holds the LOCK): two
         # processes taking the same spare would write into one file.
         self._spares = (
-            _Spares(self.root / SPARE_DIR_NAME, spares, hold_open=hold_spares_open, unnamed=unnamed_spares)
+            # Unnamed spares serve the batches synced with syncfs, which fsync mode never makes.
+            _Spares(
+                self.root / SPARE_DIR_NAME,
+                spares,
+                hold_open=hold_spares_open,
+                unnamed=unnamed_spares and self.sync == "syncfs",
+            )
             if spares > 0
             else None
         )

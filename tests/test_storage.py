@@ -643,16 +643,18 @@ def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blo
 
 @pytest.mark.parametrize("linker", ["descriptor", "proc-path"])
 def test_an_unnamed_spare_replaces_an_existing_key_file(
-    tmp_path: Path, sync: str, linker: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, linker: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A key that has a file already: the unnamed spare gets a temp name beside it and is
-    renamed over it, in both sync modes (batches of four or more are staged in syncfs mode), and
-    with either way of naming an unnamed file (the one the kernel allows is probed for)."""
+    renamed over it, in staged batches and in the small ones that fsync each file (once the
+    named spares are used up), with either way of naming an unnamed file (the one the kernel
+    allows is probed for)."""
+    _needs_syncfs()
     if len(storage._LINKERS) == 2:
         monkeypatch.setattr(
             storage, "_LINKERS", storage._LINKERS[:1] if linker == "descriptor" else storage._LINKERS[1:]
         )
-    files = KeyFiles(tmp_path / "keys", sync=sync, spares=32, **SPARE_KINDS["unnamed"])
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=32, **SPARE_KINDS["unnamed"])
     _needs_unnamed(files)
     try:
         keys = [b"again:%d" % i for i in range(6)]
@@ -670,6 +672,28 @@ def test_an_unnamed_spare_replaces_an_existing_key_file(
         assert [reopened.load(key) for key in keys] == [state for _, state in items]
     finally:
         reopened.close()
+
+
+def test_a_small_batch_with_no_named_spare_left_names_an_unnamed_one_beside_its_key(tmp_path: Path) -> None:
+    """Batches of fewer than four states fsync each file: they take named spares, and once none
+    is left an unnamed one, which gets a temp name beside its key before its fsync and rename."""
+    _needs_syncfs()
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=16, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    try:
+        _wait_spares(files, 16)  # fifteen unnamed, one named
+        assert files._spares is not None
+        taken = files._spares.take()  # the named one (neither stock is low after it: no refill)
+        assert taken is not None and taken[0].endswith(".spare")
+        os.close(taken[1])
+        fds_before = _open_fds()
+        files.write_many([(b"small", SAMPLE)])
+        assert files.load(b"small") == SAMPLE
+        assert os.stat(files.path_for(b"small")).st_nlink == 1
+        assert not list(files.root.rglob("*.tmp"))
+        assert files.spares_ready() == 14 and _open_fds() == fds_before - 1
+    finally:
+        files.close()
 
 
 def test_a_batch_larger_than_the_stock_of_unnamed_spares_creates_temp_files_for_the_rest(tmp_path: Path) -> None:
@@ -915,10 +939,11 @@ def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync:
     # 32 kept: taking 10 leaves more than half, so no refill runs during the batch (a refill
     # could hand out a spare created after the listing below).
     files = KeyFiles(tmp_path / "keys", spares=32, sync=sync, **SPARE_KINDS[kind])
-    if kind == "unnamed":
+    if kind == "unnamed" and sync == "syncfs":
         _needs_unnamed(files)
     else:
-        assert files.spare_kind() == ("held" if kind == "held-open" else "named")
+        # Unnamed spares serve only batches synced with syncfs: in fsync mode they are held.
+        assert files.spare_kind() == ("named" if kind == "names" else "held")
     try:
         _wait_spares(files, 32)
         spare_dir = files.root / SPARE_DIR_NAME
@@ -932,10 +957,6 @@ def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync:
             assert len(before) == 2 and before == {p.name for p in spare_dir.iterdir()}
             assert files.spares_ready() == 22
             assert _open_fds() == fds_before - 10
-        elif kind == "unnamed":
-            # Batches that fsync each file take the named spares first (both are gone, renamed
-            # onto keys; the thread makes new ones), then unnamed ones, named beside their keys.
-            assert len(before) == 2 and not before & {p.name for p in spare_dir.iterdir()}
         else:
             used = before - {p.name for p in spare_dir.iterdir()}
             assert len(used) == 10, "each write took a spare instead of creating a temp file"
@@ -977,8 +998,11 @@ def test_only_a_store_opened_with_spares_touches_the_spare_files(tmp_path: Path)
 def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Path, kind: str) -> None:
     root = tmp_path / "keys"
     args = SPARE_KINDS[kind]
+    if kind == "unnamed":
+        _needs_syncfs()
+    sync = "syncfs" if kind == "unnamed" else "fsync"
     for _ in range(4):
-        again = KeyFiles(root, spares=16, **args)
+        again = KeyFiles(root, spares=16, sync=sync, **args)
         if kind == "unnamed":
             _needs_unnamed(again)
         _wait_spares(again, 16)
@@ -987,7 +1011,7 @@ def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Pat
     # those sixteen, one is named: a sixteenth of the stock).
     assert len(list((root / SPARE_DIR_NAME).iterdir())) == (1 if kind == "unnamed" else 16)
     # The ones left behind are handed out by name, and written through like any other.
-    last = KeyFiles(root, spares=16, **args)
+    last = KeyFiles(root, spares=16, sync=sync, **args)
     try:
         items = [(b"reused:%d" % i, state_for(i)) for i in range(4)]
         last.write_many(items)
@@ -997,12 +1021,13 @@ def test_spares_left_by_an_earlier_process_are_reused_not_piled_up(tmp_path: Pat
     assert len(list((root / SPARE_DIR_NAME).iterdir())) <= (1 if kind == "unnamed" else 16)
 
 
-def test_named_spares_left_behind_are_used_up_by_a_store_with_unnamed_spares(tmp_path: Path, sync: str) -> None:
+def test_named_spares_left_behind_are_used_up_by_a_store_with_unnamed_spares(tmp_path: Path) -> None:
+    _needs_syncfs()
     root = tmp_path / "keys"
     earlier = KeyFiles(root, spares=16, **SPARE_KINDS["held-open"])
     _wait_spares(earlier, 16)
     earlier.close()
-    files = KeyFiles(root, sync=sync, spares=16, **SPARE_KINDS["unnamed"])
+    files = KeyFiles(root, sync="syncfs", spares=16, **SPARE_KINDS["unnamed"])
     _needs_unnamed(files)
     try:
         _wait_spares(files, 31)  # the sixteen names left, and fifteen unnamed spares
