@@ -170,6 +170,7 @@ def test_info_persistence_counts_writes_spare_files_and_the_name_index(shared: C
             break
         time.sleep(0.05)
     assert int(now["spare_files_ready"]) > 0
+    assert now["spare_files"] in ("unnamed", "held", "named")
     assert now["key_index"] == "ready"
     assert int(now["fsync_errors"]) == 0 and "group_commit_writes" in now
     assert now["sync_mode"] == resolve_sync_mode("auto")  # the cluster runs with the default
