@@ -174,27 +174,34 @@ class ClientProtocol(asyncio.Protocol):
         last_key: bytes | None = None
         last_reply: bytes | None = None
         joined = 0
+        parser = self.parser
         while not self.closing and not self.write_paused and self.inflight < self.max_inflight:
-            try:
-                args = self.parser.next()
-            except ProtocolError as exc:
-                srv_stats["protocol_errors"] += 1
-                reply = error(f"ERR {exc}")
-                self.closing = True
-                if queue:
-                    queue.append(_Slot(reply))
-                else:
-                    out.append(reply)
-                break
-            if args is None:
-                break
+            # A GET in its usual form comes without its list of arguments (see next_get).
+            key = parser.next_get()
+            if key is None:
+                try:
+                    args = parser.next()
+                except ProtocolError as exc:
+                    srv_stats["protocol_errors"] += 1
+                    reply = error(f"ERR {exc}")
+                    self.closing = True
+                    if queue:
+                        queue.append(_Slot(reply))
+                    else:
+                        out.append(reply)
+                    break
+                if args is None:
+                    break
+                if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get"):
+                    key = args[1]
+            else:
+                args = None
             processed += 1
             # The hot path, GET, unless an earlier write of this connection on the key still
             # runs: what _dispatch, _call_tracked and cmd_get would do, without their lookups
             # and calls (nothing blocks a read of a key this connection is not writing).
-            if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get") and not (key_write and args[1] in key_write):
+            if key is not None and not (key_write and key in key_write):
                 self.last_cmd = "get"
-                key = args[1]
                 result: bytes | Deferred | None
                 if key == last_key:
                     # The same key as the GET just before it (a client polling a key, or
@@ -228,7 +235,7 @@ class ClientProtocol(asyncio.Protocol):
                         try:
                             fut = srv.read(key)
                         except Exception as exc:  # noqa: BLE001 - as in _call
-                            result = _internal_error(args, exc)
+                            result = _internal_error([b"GET", key] if args is None else args, exc)
                         else:
                             if not fut.done():
                                 running = self.key_busy.get(key)
@@ -245,9 +252,12 @@ class ClientProtocol(asyncio.Protocol):
                                 continue
                             result = _value_reply(self.nil(), fut.result())
                     else:
-                        result = self._call_tracked(_read_get, args, args[1:], True)
+                        result = self._call_tracked(_read_get, [b"GET", key], [key], True)
             else:
                 last_key = None
+                if args is None:  # a GET from next_get, of a key this connection is writing
+                    assert key is not None
+                    args = [b"GET", key]
                 result = self._dispatch(args)
             if not isinstance(result, bytes):
                 op, fmt = result

@@ -114,6 +114,74 @@ class RequestParser:
         self._pos = 0
         self._need = 0
 
+    def next_get(self) -> bytes | None:
+        """If the next command is a complete ``GET key`` in its canonical form, take it and
+        return its key; otherwise take nothing and return None (``next`` then reads whatever
+        is there, a GET in another form included).
+
+        The form taken: ``*2 CRLF $3 CRLF GET CRLF $n CRLF key CRLF``, GET in upper or lower
+        case, ``n`` the length of the key in plain digits (no sign, no leading zero), at most
+        ``max_bulk``. ``next`` reads exactly these bytes as the same command: every line it
+        looks at ends at the CR checked here, each length line is the canonical line of its
+        number, and each payload is that many bytes (the CRLF after it, which ``next`` skips
+        unread, is checked here). Only one command is read, after any ``next`` parsed ahead,
+        so requests keep their order and the limits in force apply. This is the hot path of
+        pipelined reads: no list, and one bytes object (the key) per command.
+        """
+        if self._ready or self._want or self._need:
+            return None
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if size - pos < 19:  # the shortest: an empty key
+            return None
+        if (
+            buf[pos] != 42  # '*'
+            or buf[pos + 1] != 50  # '2'
+            or buf[pos + 2] != 13
+            or buf[pos + 3] != 10
+            or buf[pos + 4] != 36  # '$'
+            or buf[pos + 5] != 51  # '3'
+            or buf[pos + 6] != 13
+            or buf[pos + 7] != 10
+            or buf[pos + 11] != 13
+            or buf[pos + 12] != 10
+            or buf[pos + 13] != 36  # '$'
+        ):
+            return None
+        g = buf[pos + 8]
+        if g == 71:  # 'G'
+            if buf[pos + 9] != 69 or buf[pos + 10] != 84:  # 'E', 'T'
+                return None
+        elif g != 103 or buf[pos + 9] != 101 or buf[pos + 10] != 116:  # 'g', 'e', 't'
+            return None
+        i = pos + 14
+        c = buf[i]
+        if c == 48:  # '0': only the length 0 itself
+            n = 0
+            i += 1
+        elif 49 <= c <= 57:
+            n = c - 48
+            i += 1
+            # At most 12 digits (more than any max_bulk), each checked to be in the buffer.
+            last = min(size, i + 11)
+            while i < last:
+                c = buf[i]
+                if c < 48 or c > 57:
+                    break
+                n = n * 10 + c - 48
+                i += 1
+        else:
+            return None
+        if n > self.max_bulk:
+            return None
+        start = i + 2
+        end = start + n
+        if end + 2 > size or buf[i] != 13 or buf[i + 1] != 10 or buf[end] != 13 or buf[end + 1] != 10:
+            return None
+        self._pos = end + 2
+        return buf[start:end]
+
     def next(self) -> list[bytes] | None:
         """The next complete command, or None if more bytes are needed."""
         ready = self._ready

@@ -438,24 +438,37 @@ def test_any_split_of_a_pipeline_parses_the_same(stream: tuple[bytes, list[list[
 
 
 def _parse_all(
-    raw: bytes, cuts: list[int], split: bool, limits: tuple[int, int]
-) -> tuple[list[list[bytes]], str | None, int]:
-    """Feed ``raw`` in pieces; every command, the protocol error (if any) and the bytes left."""
+    raw: bytes, cuts: list[int], split: bool, limits: tuple[int, int], gets_first: bool = False
+) -> tuple[list[list[bytes]], str | None, int, int]:
+    """Feed ``raw`` in pieces; every command, the protocol error (if any), the bytes left and
+    how many GETs ``next_get`` took. With ``gets_first`` each command is read as the client
+    loop reads it: ``next_get`` first, ``next`` when that takes nothing (GETs then come as
+    ``[b"GET", key]``, see _normal)."""
     p = RequestParser(max_bulk=limits[0], max_args=limits[1], split=split)
     got: list[list[bytes]] = []
+    taken = 0
     prev = 0
     for cut in [*cuts, len(raw)]:
         p.feed(raw[prev:cut])
         prev = cut
         try:
             for _ in range(len(raw) + 1):
+                key = p.next_get() if gets_first else None
+                if key is not None:
+                    taken += 1
+                    got.append([b"GET", key])
+                    continue
                 cmd = p.next()
                 if cmd is None:
                     break
-                got.append(cmd)
+                got.append(_normal(cmd) if gets_first else cmd)
         except ProtocolError as exc:
-            return got, str(exc), p.buffered()
-    return got, None, p.buffered()
+            return got, str(exc), p.buffered(), taken
+    return got, None, p.buffered(), taken
+
+
+def _normal(cmd: list[bytes]) -> list[bytes]:
+    return [b"GET", cmd[1]] if len(cmd) == 2 and cmd[0] in (b"GET", b"get") else cmd
 
 
 #: Pieces of well-formed and broken multibulk requests: the fast path must stop at anything it
@@ -496,6 +509,49 @@ def test_the_split_fast_path_parses_exactly_like_the_full_parser(pieces: list[by
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(raw)), max_size=8), label="cuts")))
     for limits in [(512 * 1024 * 1024, 1024 * 1024), (100, 1024 * 1024), (512 * 1024 * 1024, 2), (3, 16)]:
         assert _parse_all(raw, cuts, True, limits) == _parse_all(raw, cuts, False, limits), limits
+
+
+_GET_PIECES = st.one_of(
+    _PIECES,
+    st.sampled_from(
+        [
+            b"*2\r\n$3\r\nget\r\n$3\r\nabc\r\n",
+            b"*2\r\n$3\r\nGeT\r\n$1\r\nk\r\n",  # mixed case: next reads it
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\rX",  # no CRLF after the payload, which next skips unread
+            b"*2\r\n$4\r\nGETX\r\n$1\r\nk\r\n",
+            b"*2\r\n$3\r\nGET\r\n$12\r\n" + b"k" * 12 + b"\r\n",
+            b"*2\r\n$3\r\nGET\r\n$101\r\n" + b"q" * 101 + b"\r\n",  # above the tight max_bulk below
+            b"*2\r\n$3\r\nGET\r\n$0000000000001\r\nk\r\n",
+            b"*2\r\n$3\r\nGET\r\n$1234567890123\r\n",
+            b"*2\r\n$3\r\nGET\r\n$4\r\n\r\n\r\n\r\n",  # a key of CRLF CRLF
+        ]
+    ),
+    st.binary(min_size=1, max_size=6).map(lambda k: b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_GET_PIECES, min_size=1, max_size=12), st.data())
+def test_next_get_takes_gets_exactly_as_the_full_parser_reads_them(pieces: list[bytes], data: st.DataObject) -> None:
+    raw = b"".join(pieces)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(raw)), max_size=8), label="cuts")))
+    for limits in [(512 * 1024 * 1024, 1024 * 1024), (100, 1024 * 1024), (3, 16)]:
+        got, err, left, _ = _parse_all(raw, cuts, True, limits, gets_first=True)
+        full, full_err, full_left, _ = _parse_all(raw, cuts, False, limits)
+        assert (got, err, left) == ([_normal(c) for c in full], full_err, full_left), limits
+
+
+def test_next_get_takes_a_pipeline_of_gets_and_nothing_else() -> None:
+    gets = b"".join(multibulk(b"GET", b"key:%d" % i) for i in range(16)) + multibulk(b"get", b"")
+    raw = gets + multibulk(b"SET", b"a", b"b") + gets[:10]  # ends inside a GET
+    limits = (512 * 1024 * 1024, 1024 * 1024)
+    got, err, left, taken = _parse_all(raw, [], True, limits, gets_first=True)
+    assert taken == 17 and err is None
+    assert got == [[b"GET", b"key:%d" % i] for i in range(16)] + [[b"GET", b""], [b"SET", b"a", b"b"]]
+    assert left == _parse_all(raw, [], False, limits)[2] > 0
+    p = RequestParser()
+    p.feed(multibulk(b"SET", b"a", b"b") + gets)
+    assert p.next_get() is None and p.next() == [b"SET", b"a", b"b"]  # a GET behind a SET waits its turn
 
 
 # ---- on the wire, compared with redis-server 7 -------------------------------------------------
