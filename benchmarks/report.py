@@ -51,12 +51,16 @@ def render(results: dict[str, Any]) -> str:
     add("# respreg benchmarks\n")
     add(
         "Reproduce from the repository root with `.venv/bin/python benchmarks/run.py` (a full run takes about"
-        " 6 minutes on 2 cores). It installs what is missing first (Debian's `redis-server`, `redis-tools`, "
+        " 9 minutes on 2 cores). It installs what is missing first (Debian's `redis-server`, `redis-tools`, "
         "`etcd-server` and `etcd-client` with apt-get, `aiohttp` with pip into the venv) and says so; then it"
-        " starts every system itself on free loopback ports in a fresh temp dir, one system at a time, and "
-        "writes this file and `results.json` (every figure, counter and command). `--quick` makes every run "
-        "tiny to check the harness (its figures mean nothing); `--out`, `--json`, `--skip-install`, "
-        "`--no-xl`, `--keep-temp` are described by `--help`.\n"
+        " starts every system itself on free loopback ports in a fresh temp dir, all of them at once, and "
+        "runs each workload on each of its targets in turn, in three rounds, the order reversed every other "
+        "round (respreg, anchor; anchor, respreg; respreg, anchor), so that a machine whose speed drifts "
+        "during the run moves both sides of a ratio alike. Each row is the round with the median throughput "
+        "(its notes list every round's); ratios divide medians. It writes this file and `results.json` "
+        "(every figure, counter and command, every round). `--quick` makes every run tiny, one round, to "
+        "check the harness (its figures mean nothing); `--out`, `--json`, `--skip-install`, `--no-xl`, "
+        "`--keep-temp`, `--rounds` are described by `--help`.\n"
     )
     mode = "quick (tiny runs: not a measurement)" if meta["quick"] else "full"
     add(
