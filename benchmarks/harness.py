@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+#: How the section benchmarks/scale.py writes at the end of RESULTS.md starts; run.py keeps it.
+SCALE_SECTION_PREFIX = "## Scale ("
 
 
 def free_ports(n: int) -> list[int]:

@@ -40,7 +40,17 @@ from typing import Any
 
 import install
 import report
-from harness import HOST, CommandLog, Measured, ServerGroup, machine_facts, resp_command, run_measured, tool_version
+from harness import (
+    HOST,
+    SCALE_SECTION_PREFIX,
+    CommandLog,
+    Measured,
+    ServerGroup,
+    machine_facts,
+    resp_command,
+    run_measured,
+    tool_version,
+)
 from servers import etcd_leader, start_etcd, start_redis, start_respreg
 
 HERE = Path(__file__).resolve().parent
@@ -696,12 +706,19 @@ def main(argv: list[str] | None = None) -> int:
     results = {k: finite(v) for k, v in results.items()}
     json_path.write_text(json.dumps(results, indent=2, default=_json_default, allow_nan=False) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report.render(results))
+    args.out.write_text(report.render(results) + _scale_section(args.out))
     print(f"wrote {args.out} and {json_path} in {meta['duration_s']:.0f} s")
     bad = [r for r in runner.rows if r.status != "ok" and not r.status.startswith("skipped")]
     for r in bad:
         print(f"WARNING: {r.workload} on {r.target}: {r.status}", file=sys.stderr)
     return 3 if bad else 0
+
+
+def _scale_section(path: Path) -> str:
+    """The section benchmarks/scale.py put at the end of ``path`` (its own run, kept), or ""."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n" + SCALE_SECTION_PREFIX)
+    return "\n" + text[at + 1 :] if at >= 0 else ""
 
 
 def _loadavg() -> str:

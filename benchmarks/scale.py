@@ -60,6 +60,7 @@ from typing import Any
 
 from harness import (
     HOST,
+    SCALE_SECTION_PREFIX,
     CommandLog,
     Server,
     ServerGroup,
@@ -80,7 +81,7 @@ HERE = Path(__file__).resolve().parent
 KEY_FORMAT = "scale:key:{:012d}"
 VALUE_FORMAT = "scale-value-{:012d}"
 NODES = 3
-SECTION_PREFIX = "## Scale ("
+SECTION_PREFIX = SCALE_SECTION_PREFIX
 START_LIMIT_S = 2.0
 RSS_LIMIT_MB = 300.0
 THROUGHPUT_FLOOR = 0.8

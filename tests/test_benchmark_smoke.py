@@ -54,6 +54,9 @@ def test_quick_run_writes_a_row_per_workload(tmp_path: Path) -> None:
             "once (it installs them), or apt-get install redis-server redis-tools etcd-server etcd-client"
         )
     md, js = tmp_path / "R.md", tmp_path / "r.json"
+    # An earlier report whose scale section (benchmarks/scale.py's, a run of its own) must survive.
+    scale_section = "## Scale (10 keys)\n\nfigures of benchmarks/scale.py\n"
+    md.write_text("# an earlier report\n\nold figures\n\n" + scale_section)
     # Two rounds: each row then stands for both (the median round; every round in its extra).
     cmd = [sys.executable, str(RUN), "--quick", "--rounds", "2", "--out", str(md), "--json", str(js), "--skip-install"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
@@ -94,6 +97,7 @@ def test_quick_run_writes_a_row_per_workload(tmp_path: Path) -> None:
 
     text = md.read_text()
     assert "## Where time goes" in text
+    assert text.endswith("\n\n" + scale_section) and "old figures" not in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     titles = {r["title"] for r in rows}
     for title in titles:
