@@ -51,7 +51,7 @@ def render(results: dict[str, Any]) -> str:
     add("# respreg benchmarks\n")
     add(
         "Reproduce from the repository root with `.venv/bin/python benchmarks/run.py` (a full run takes about"
-        " 9 minutes on 2 cores). It installs what is missing first (Debian's `redis-server`, `redis-tools`, "
+        " 7 minutes on 2 cores). It installs what is missing first (Debian's `redis-server`, `redis-tools`, "
         "`etcd-server` and `etcd-client` with apt-get, `aiohttp` with pip into the venv) and says so; then it"
         " starts every system itself on free loopback ports in a fresh temp dir, all of them at once, and "
         "runs each workload on each of its targets in turn, in three rounds, the order reversed every other "
