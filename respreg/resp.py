@@ -163,7 +163,7 @@ class RequestParser:
         elif 49 <= c <= 57:
             n = c - 48
             i += 1
-            # At most 12 digits (more than any max_bulk), each checked to be in the buffer.
+            # At most 12 digits, each checked to be in the buffer (a longer length is left to next).
             last = min(size, i + 11)
             while i < last:
                 c = buf[i]
