@@ -648,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         help="times each workload runs on each target, alternating with its anchors (default 3; 1 with --quick)",
     )
     args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be at least 1")
     json_path: Path = args.json or args.out.parent / "results.json"
     # redis-benchmark with XL_CLIENTS connections needs that many descriptors (it inherits this).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
