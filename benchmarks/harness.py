@@ -24,6 +24,13 @@ HOST = "127.0.0.1"
 SCALE_SECTION_PREFIX = "## Scale ("
 
 
+def split_scale_section(text: str) -> tuple[str, str]:
+    """``text`` (a RESULTS.md) cut before the scale section that ends it: (the rest, up to and
+    including the newline before the section; the section, or "" when there is none)."""
+    at = text.find("\n" + SCALE_SECTION_PREFIX)
+    return (text[: at + 1], text[at + 1 :]) if at >= 0 else (text, "")
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct loopback ports that were free a moment ago (the kernel picked them)."""
     socks: list[socket.socket] = []

@@ -42,13 +42,13 @@ import install
 import report
 from harness import (
     HOST,
-    SCALE_SECTION_PREFIX,
     CommandLog,
     Measured,
     ServerGroup,
     machine_facts,
     resp_command,
     run_measured,
+    split_scale_section,
     tool_version,
 )
 from servers import etcd_leader, start_etcd, start_redis, start_respreg
@@ -718,9 +718,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scale_section(path: Path) -> str:
     """The section benchmarks/scale.py put at the end of ``path`` (its own run, kept), or ""."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n" + SCALE_SECTION_PREFIX)
-    return "\n" + text[at + 1 :] if at >= 0 else ""
+    section = split_scale_section(path.read_text() if path.exists() else "")[1]
+    return "\n" + section if section else ""
 
 
 def _loadavg() -> str:

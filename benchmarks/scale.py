@@ -67,6 +67,7 @@ from harness import (
     machine_facts,
     proc_cpu_seconds,
     run_measured,
+    split_scale_section,
     tool_version,
 )
 from run import finite, git_describe, parse_benchmark_csv
@@ -1537,10 +1538,7 @@ def _worst_ping(run: dict[str, Any]) -> float:
 
 def write_section(path: Path, section: str) -> None:
     """Put ``section`` at the end of ``path``, replacing an earlier scale section that ends the file."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n" + SECTION_PREFIX)
-    if at >= 0:
-        text = text[: at + 1]
+    text = split_scale_section(path.read_text() if path.exists() else "")[0]
     if text and not text.endswith("\n\n"):
         text = text.rstrip("\n") + "\n\n"
     path.write_text(text + section)
