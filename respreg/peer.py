@@ -542,11 +542,15 @@ class PeerLink(asyncio.Protocol):
                         self._nonce.hex().encode(),
                     )
                 )
-                self._last_rx = loop.time()
+                self._last_rx = last = loop.time()
                 # Up once the handshake is answered (a paused peer accepts TCP but never answers).
+                interval = min(self.timeout_s / 4, 0.25)
                 while self._transport is not None and not self._stopping:
-                    await asyncio.sleep(min(self.timeout_s / 4, 0.25))
-                    self._check(loop.time())
+                    await asyncio.sleep(interval)
+                    now = loop.time()
+                    self._discount(now, now - last - interval)
+                    last = now
+                    self._check(now)
                 if self.ups != ups:
                     backoff = 0.05
             except (TimeoutError, OSError) as exc:
@@ -561,6 +565,13 @@ class PeerLink(asyncio.Protocol):
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    def _discount(self, now: float, late: float) -> None:
+        """This check ran ``late`` seconds after it was due: this process was not running (a
+        pause, a stopped or starved process, a busy loop), and a peer's answers sent meanwhile
+        may wait unread in the socket, behind this timer. That time is not the peer's silence."""
+        if late > 0:
+            self._last_rx = min(now, self._last_rx + late)
 
     def _check(self, now: float) -> None:
         """Heartbeat and liveness: close the link if the peer stopped answering."""

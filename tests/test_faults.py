@@ -164,6 +164,49 @@ def test_paused_majority_gives_errors_not_hangs(slow_cluster: Cluster) -> None:
     assert n1.execute_command("SETONCE", "after-pause", "ok") in (b"OK", True)
 
 
+def test_a_node_paused_for_less_than_the_deadline_still_answers_its_writes(tmp_path: Path) -> None:
+    """A process that is not running for a while (stopped, starved of CPU, a virtual machine's
+    pause) finds its peers' answers waiting in its sockets when it resumes. It must not count
+    that time as the peers' silence (peer timeout: 1 s) and drop its links before reading them:
+    every write in flight would then end UNCERTAIN although the peers answered."""
+    with running(tmp_path, deadline_ms=8000) as c:
+        stop = threading.Event()
+        outcomes: list[object] = []
+        lock = threading.Lock()
+
+        def writer(tid: int) -> None:
+            client = c.client(1, socket_timeout=30)
+            for i in range(2000):  # bounded; the test stops it much sooner
+                if stop.is_set():
+                    return
+                try:
+                    r: object = client.execute_command("SETONCE", f"pause-{tid}-{i}", "v")
+                except redis.RedisError as exc:
+                    r = exc
+                with lock:
+                    outcomes.append(r)
+
+        threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            c.kill(1, signal.SIGSTOP)  # with writes in flight, their peers' answers on the way
+            time.sleep(2.0)
+        finally:
+            c.kill(1, signal.SIGCONT)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        errors = [r for r in outcomes if isinstance(r, Exception)]
+        assert len(outcomes) > 50, outcomes
+        assert not errors, f"{len(errors)} errors, first: {errors[0]!r}\n{c.logs()}"
+        assert all(r in (b"OK", True) for r in outcomes), outcomes
+        assert "peer 2 did not answer" not in c.node(1).log_path.read_text()
+        assert "peer 3 did not answer" not in c.node(1).log_path.read_text()
+
+
 def test_data_survives_full_cluster_restart(slow_cluster: Cluster) -> None:
     c = slow_cluster
     written = {f"k{i}".encode(): f"v{i}".encode() for i in range(200)}
