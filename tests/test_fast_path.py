@@ -30,6 +30,9 @@ from respreg.core.types import (
 from .sim.script import Scripted
 
 FAST = NodeConfig(fast_writes=True)
+#: Every write of a key another node owns is forwarded to the owner at once (no round-0 attempt
+#: from the node that received it): what a declined attempt leads to, tested on its own.
+FORWARD = NodeConfig(fast_writes=True, fast_writes_here=False)
 IDS = [NodeId(1), NodeId(2), NodeId(3)]
 IDS5 = [NodeId(i) for i in range(1, 6)]
 
@@ -139,7 +142,7 @@ def test_restarted_owner_cannot_choose_a_second_value_at_round_zero() -> None:
 
 
 def test_non_owner_of_three_forwards_and_the_owner_writes_at_round_zero_through_the_others() -> None:
-    s = Scripted(config=FAST)
+    s = Scripted(config=FORWARD)
     key = key_owned_by(2)
     s.write(1, 7, key, b"p7", b"v")
     assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)]
@@ -158,9 +161,9 @@ def test_non_owner_of_three_forwards_and_the_owner_writes_at_round_zero_through_
 
 
 def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round() -> None:
-    """Nodes 1 and 3 both write a key node 2 owns: both forward, the owner runs the first write
-    at round 0 and the second fails from memory once the first is chosen."""
-    s = Scripted(config=FAST)
+    """Forwarding at once: nodes 1 and 3 both write a key node 2 owns, both forward, the owner
+    runs the first write at round 0 and the second fails from memory once the first is chosen."""
+    s = Scripted(config=FORWARD)
     key = key_owned_by(2)
     s.write(1, 1, key, b"p1", b"one")
     s.write(3, 3, key, b"p3", b"three")
@@ -171,6 +174,131 @@ def test_contended_key_of_three_funnels_into_its_owner_and_settles_in_one_round(
     assert owner.stats["forwards_received"] == 2 and owner.stats["writes_queued"] == 1
     assert owner.stats["fast_writes"] == 1 and owner.stats["ballots_started"] == 0
     assert all(s.cores[n].chosen(key) == o1.proposal for n in IDS)
+
+
+def test_non_owner_of_three_writes_at_round_zero_with_the_other_non_owner() -> None:
+    """Node 1 writes a key node 2 owns: the round-0 accept goes to its own acceptor and node 3's,
+    no prepare, no forward; the owner hears of the write only when it learns the outcome."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.write(1, 7, key, b"p7", b"v")
+    assert [(r.dst, type(r.msg)) for r in s.requests] == [(3, Accept)]
+    accept = s.requests[0].msg
+    assert isinstance(accept, Accept) and accept.ballot == Ballot(FAST_ROUND, 1, 0)
+    s.deliver(src=1, dst=3)
+    s.flush(3)
+    s.deliver(src=3, dst=1)
+    assert 7 not in s.outcomes, "node 1's own acceptance is not durable yet"
+    s.flush(1)
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
+    s.settle([1, 2, 3])
+    assert key not in s.disk[NodeId(2)]
+    assert all(s.disk[n][key].accepted == Ballot(FAST_ROUND, 1, 0) for n in (NodeId(1), NodeId(3)))
+    assert all(s.cores[n].chosen(key) == outcome.proposal for n in IDS)
+    assert all(s.cores[n].stats["prepare_received"] == 0 for n in IDS)
+    assert s.cores[NodeId(1)].stats["writes_forwarded"] == 0
+    assert s.cores[NodeId(2)].stats["accept_received"] == 0
+    assert [s.cores[n].stats["learn_received"] for n in IDS] == [0, 1, 1]
+
+
+def test_two_non_owners_racing_at_round_zero_are_declined_and_funnelled_into_the_owner() -> None:
+    """Nodes 1 and 3 both write a key node 2 owns, at once: each non-owner takes its own round-0
+    proposal, so each refuses the other's and neither is chosen at round 0. Both writes then go
+    to the owner (the same proposals), which settles the key; exactly one of them wins."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.write(1, 1, key, b"p1", b"one")
+    s.write(3, 3, key, b"p3", b"three")
+    s.settle([1, 2, 3])
+    o1, o3 = s.outcomes[1], s.outcomes[3]
+    assert isinstance(o1, Chosen) and isinstance(o3, Chosen) and o1.proposal == o3.proposal
+    assert o1.proposal.pid in (b"p1", b"p3")
+    assert [s.cores[NodeId(n)].stats["fast_writes_declined"] for n in (1, 3)] == [1, 1]
+    assert s.cores[NodeId(2)].stats["forwards_received"] == 2
+    assert all(s.cores[n].chosen(key) == o1.proposal for n in IDS)
+    holders = [n for n in IDS if (st := s.disk[n].get(key)) is not None and st.proposal == o1.proposal]
+    assert len(holders) >= 2
+
+
+def test_a_node_whose_round_zero_writes_are_often_declined_forwards_at_once_and_probes() -> None:
+    """Keys raced from several nodes: trying round 0 first only adds an attempt before the
+    forward. Once many of a node's attempts were declined it forwards at once, but one write in
+    32 still tries round 0, and successes there lower the share of declines again."""
+    s = Scripted(config=FAST)
+    for i in range(5):
+        key = key_owned_by(2, b"race%d-" % i)
+        s.write(1, 10 + i, key, b"a%d" % i, b"one")
+        s.write(3, 20 + i, key, b"b%d" % i, b"three")
+        s.settle([1, 2, 3])
+    core = s.cores[NodeId(1)]
+    # Three declines in a row pass the mark (1 - 0.9 ** 3 > 0.25): the last races went on at once.
+    assert core.stats["fast_writes_declined"] == 3 and core.contention > 0.25
+    tried, share = core.stats["fast_writes"], core.contention
+    s.write(1, 99, key_owned_by(2, b"calm-first-"), b"c", b"v")
+    assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)], "forwarded at once"
+    s.settle([1, 2, 3])
+    for i in range(32):
+        s.write(1, 100 + i, key_owned_by(2, b"calm%d-" % i), b"c%d" % i, b"v")
+        s.settle([1, 2, 3])
+        outcome = s.outcomes[100 + i]
+        assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"c%d" % i
+    assert core.stats["fast_writes"] > tried, "a probe tried round 0 here again"
+    assert core.stats["fast_writes_declined"] == 3
+    assert core.contention < share
+
+
+def test_round_zero_here_is_declined_when_its_phase_times_out() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.write(1, 7, key, b"p7", b"v")
+    s.drop(src=1, dst=3)
+    s.flush(1)
+    (seq_timer,) = [t for n, t in s.timers if n == 1 and t.op_id == 7 and t.token >= 0]
+    s.fire(1, 7, seq_timer.token)
+    assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)]
+    s.settle([1, 2, 3])
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
+
+
+def test_round_zero_here_with_the_other_non_owner_known_down_forwards_at_once() -> None:
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    s.cores[NodeId(1)].set_peer_up(NodeId(3), False)
+    s.write(1, 7, key, b"p7", b"v")
+    assert [(r.dst, type(r.msg)) for r in s.requests] == [(2, Propose)]
+    assert s.cores[NodeId(1)].stats["fast_writes"] == 0
+
+
+def test_declined_round_zero_with_the_owner_down_is_completed_here_and_never_noquorum() -> None:
+    """Node 3 refuses (it holds another round-0 proposal) and the owner is known down: node 1
+    runs full Paxos itself. Its proposal went out in an accept, so failing is UNCERTAIN."""
+    s = Scripted(config=FAST)
+    key = key_owned_by(2)
+    earlier = Proposal(b"old", b"earlier")
+    s.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 3, 7), Ballot(FAST_ROUND, 3, 7), earlier)
+    s.cores[NodeId(1)].set_peer_up(NodeId(2), False)
+    s.write(1, 7, key, b"p7", b"v")
+    s.deliver(src=1, dst=3)
+    s.deliver(src=3, dst=1)
+    assert s.cores[NodeId(1)].stats["fast_writes_declined"] == 1
+    assert any(isinstance(r.msg, Prepare) for r in s.requests)
+    for r in list(s.requests):
+        s.requests.remove(r)
+        s.apply(NodeId(1), s.cores[NodeId(1)].on_peer_reply(r.req_id, Unreachable()))
+    s.flush(1)
+    outcome = s.outcomes[7]
+    assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
+    # And with node 3 reachable the same situation settles: node 3's proposal is the higher
+    # round-0 ballot, so Paxos completes it; the write answers nil, exactly.
+    s2 = Scripted(config=FAST)
+    s2.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 3, 7), Ballot(FAST_ROUND, 3, 7), earlier)
+    s2.cores[NodeId(1)].set_peer_up(NodeId(2), False)
+    s2.write(1, 7, key, b"p7", b"v")
+    s2.settle([1, 3])
+    outcome = s2.outcomes[7]
+    assert isinstance(outcome, Chosen) and outcome.proposal == earlier
 
 
 def _written_at_round_zero(owner: int) -> tuple[Scripted, bytes, Proposal]:
@@ -561,7 +689,7 @@ def _forwarded_and_accepted(s: Scripted, key: bytes) -> None:
 
 
 def test_forwarding_node_answers_once_both_acceptors_vouch_before_the_owner_does() -> None:
-    s = Scripted(config=FAST)
+    s = Scripted(config=FORWARD)
     key = key_owned_by(2)
     _forwarded_and_accepted(s, key)
     s.flush(3)
@@ -583,7 +711,7 @@ def test_forwarding_node_answers_once_both_acceptors_vouch_before_the_owner_does
 
 
 def test_votes_for_another_proposal_or_from_the_owner_do_not_count() -> None:
-    s = Scripted(config=FAST)
+    s = Scripted(config=FORWARD)
     key = key_owned_by(2)
     _forwarded_and_accepted(s, key)
     s.flush(1)
@@ -599,7 +727,7 @@ def test_votes_for_another_proposal_or_from_the_owner_do_not_count() -> None:
 
 
 def test_no_vote_for_an_acceptance_whose_sync_failed() -> None:
-    s = Scripted(config=FAST)
+    s = Scripted(config=FORWARD)
     key = key_owned_by(2)
     _forwarded_and_accepted(s, key)
     (_, p3) = next((n, p) for n, p in s.persists if n == 3)

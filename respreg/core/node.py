@@ -27,6 +27,7 @@ from .chosen import ChosenCache
 from .proposer import (
     DEADLINE_TOKEN,
     Chosen,
+    Declined,
     Done,
     Effect,
     Empty,
@@ -162,6 +163,10 @@ class NodeConfig:
     #: Let this node write the keys it owns in one round trip at the reserved round 0 (see
     #: docs/design.md). The driver may switch it off at run time through ``NodeCore.fast_writes``.
     fast_writes: bool = False
+    #: With ``fast_writes``, in a cluster of three: write a key another node owns at round 0
+    #: here, with the other non-owner, and forward it to the owner only when that is declined
+    #: (see NodeCore._begin_fast_here). Off: forward every such write at once.
+    fast_writes_here: bool = True
 
 
 #: Timer token of an operation waiting behind another of its key (a read for the next shared
@@ -172,6 +177,13 @@ WAIT_TOKEN = -3
 PROPOSES_REMEMBERED = 65_536
 #: Keys remembered whose round-0 write did not end chosen (see NodeCore._begin_fast_peers).
 FAST_SPENT_REMEMBERED = 65_536
+#: Round-0 writes of other nodes' keys (NodeCore._begin_fast_here): the share of recent attempts
+#: that were declined is followed as a moving average, each attempt weighing this much ...
+CONTENTION_WEIGHT = 0.1
+#: ... and above this share, such writes go to the owner at once, ...
+CONTENTION_HIGH = 0.25
+#: ... but one in this many still tries round 0 here, so the average notices when it ends.
+CONTENTION_PROBE = 32
 
 
 # The operations' bookkeeping below spells out its __init__ too (the effects' comment above;
@@ -302,6 +314,11 @@ class NodeCore:
         #: bounded; acceptors make a reuse safe anyway, see _begin_fast_peers).
         self._fast_ops: dict[int, bytes] = {}
         self._fast_spent: OrderedDict[bytes, None] = OrderedDict()
+        #: Round-0 attempts of other nodes' keys in flight, and the moving share of such
+        #: attempts that were declined (see _contended).
+        self._here_ops: set[int] = set()
+        self.contention = 0.0
+        self._skipped = 0
         self.stats: dict[str, int] = {
             "prepare_received": 0,
             "accept_received": 0,
@@ -320,6 +337,7 @@ class NodeCore:
             "ops_uncertain": 0,
             "ballots_started": 0,
             "fast_writes": 0,
+            "fast_writes_declined": 0,
             "writes_forwarded": 0,
             "forwards_received": 0,
             "forwards_fell_back": 0,
@@ -379,8 +397,13 @@ class NodeCore:
                 fast = self._begin_fast(op_id, key, proposal, deadline_ms)
                 if fast is not None:
                     return fast
-        elif self.forward_writes and owner not in self._peers_down and op_id >= 0:
-            return self._forward(op_id, owner, key, proposal, deadline_ms)
+        elif self.forward_writes and op_id >= 0:
+            if self.config.fast_writes_here and len(self.nodes) == 3 and not self._contended():
+                here = self._begin_fast_here(op_id, owner, key, proposal, deadline_ms)
+                if here is not None:
+                    return here
+            if owner not in self._peers_down:
+                return self._forward(op_id, owner, key, proposal, deadline_ms)
         return self._begin(op_id, key, proposal, deadline_ms)
 
     def set_peer_up(self, node: NodeId, up: bool) -> None:
@@ -572,6 +595,71 @@ class NodeCore:
         notify = int(remote[0]) if remote is not None and remote[0] in acceptors else 0
         effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors, notify)
         return self._run(op_id, effects)
+
+    def _begin_fast_here(
+        self, op_id: int, owner: NodeId, key: bytes, proposal: Proposal, deadline_ms: float | None
+    ) -> list[NodeEffect] | None:
+        """The one-round-trip write, in a cluster of three, of a key another node owns: the
+        round-0 accept, at ballot ``(0, me, incarnation)``, goes to the two non-owners (this
+        node's own acceptor and the other one), and the proposal is chosen when both accepted
+        it. None when it may not be used (then the write is forwarded to the owner).
+
+        Safe by the argument of :meth:`_begin_fast_peers`, which does not depend on which node
+        proposes: the non-owners are still the only acceptors that ever hold a round-0 proposal
+        of ``key``, each takes one only while it has accepted nothing, and a round-0 proposal is
+        chosen only when both hold it. This node takes round 0 only while its own acceptor
+        holds nothing for the key, and its own acceptance then holds the proposal durably, so
+        it cannot propose a second one at this ballot (nor after a restart: new incarnation).
+
+        When the attempt is not chosen (the other non-owner refused, its link failed, or the
+        phase timed out: two nodes racing for the key hold one proposal each), the proposer
+        ends Declined and the write goes to the owner (see _declined), which funnels a
+        contended key into one node instead of duelling prepares from several.
+        """
+        if not self.fast_writes or self.not_voting is not None:
+            return None
+        other = next(n for n in self.nodes if n != owner and n != self.me)
+        if other in self._peers_down or key in self._fast_spent or self._empty_slot(key) is None:
+            return None
+        p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
+        self.stats["fast_writes"] += 1
+        self._fast_ops[op_id] = key
+        self._here_ops.add(op_id)
+        acceptors = sorted((self.me, other))
+        ballot = Ballot(FAST_ROUND, int(self.me), self.incarnation)
+        return self._run(op_id, p.start_fast(ballot, acceptors, 0, hand_back=True))
+
+    def _contended(self) -> bool:
+        """Whether to forward a write of another node's key at once instead of trying round 0
+        here: while many recent attempts were declined (keys raced from several nodes), which
+        would only add a round-0 attempt before the forward; one write in CONTENTION_PROBE
+        still tries, to see when that ends. A choice of path, not of safety: both are safe."""
+        if self.contention <= CONTENTION_HIGH:
+            return False
+        self._skipped += 1
+        return self._skipped % CONTENTION_PROBE != 0
+
+    def _here_ended(self, op_id: int, declined: bool) -> None:
+        if op_id in self._here_ops:
+            self._here_ops.discard(op_id)
+            self.contention = self.contention * (1 - CONTENTION_WEIGHT) + (CONTENTION_WEIGHT if declined else 0.0)
+
+    def _declined(self, op_id: int, p: Proposer) -> list[NodeEffect]:
+        """A round-0 write begun here (_begin_fast_here) was not chosen at round 0: forward it
+        to the key's owner, or, with the owner known down, run full Paxos here; the same
+        proposal either way. Its proposal went out in accepts, so it may yet be chosen: any
+        failure from now on is UNCERTAIN, never NOQUORUM. The deadline timer set when the write
+        began still bounds it."""
+        self.stats["fast_writes_declined"] += 1
+        self._here_ended(op_id, declined=True)
+        self._drop_op(op_id)
+        assert p.own is not None
+        owner = owner_in(p.key, self.nodes)
+        if owner not in self._peers_down:
+            return self._forward(op_id, owner, p.key, p.own, p.config.deadline_ms)
+        again = self._new_proposer(op_id, p.key, p.own, p.config.deadline_ms, True)
+        again.sent_own = True
+        return self._run(op_id, again.start())
 
     def begin_read(self, op_id: int, key: bytes, deadline_ms: float | None = None) -> list[NodeEffect]:
         self.stats["reads_started"] += 1
@@ -800,6 +888,8 @@ class NodeCore:
                     out.append(PeerSend(e.to, req_id, e.msg))
             elif isinstance(e, SetTimer):
                 out.append(OpTimer(op_id, e.delay_ms, e.token))
+            elif isinstance(e, Declined):
+                out += self._declined(op_id, self._ops[op_id])
             elif isinstance(e, Done):
                 out += self._op_done(op_id, e.outcome)
                 self._count_outcome(e.outcome)
@@ -826,6 +916,7 @@ class NodeCore:
             self.stats["ops_uncertain"] += 1
 
     def _drop_op(self, op_id: int) -> None:
+        self._here_ended(op_id, declined=False)
         key = self._fast_ops.pop(op_id, None)
         if key is not None and key not in self._chosen:
             self._fast_spent[key] = None

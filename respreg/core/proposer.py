@@ -122,7 +122,16 @@ class Done:
         object.__setattr__(self, "outcome", outcome)
 
 
-Effect = Send | SetTimer | Done
+@dataclass(frozen=True, slots=True)
+class Declined:
+    """A round-0 write started with ``hand_back`` (see :meth:`Proposer.start_fast`) was not
+    chosen at round 0: the proposer stops without an outcome, and its driver goes on."""
+
+    def __init__(self) -> None:
+        pass
+
+
+Effect = Send | SetTimer | Done | Declined
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +228,8 @@ class Proposer:
         self._down: set[NodeId] = set()
         #: The acceptors a round-0 accept went to, when not all of them (see start_fast).
         self._only: tuple[NodeId, ...] | None = None
+        #: A round-0 write that is not chosen at round 0 ends Declined (see start_fast).
+        self._hand_back = False
         #: The read phase (its seq) that waits for a missing answer (see _progress_read).
         self._straggler = -1
         #: A majority to ask first in a read phase; the others are asked only when these
@@ -242,20 +253,24 @@ class Proposer:
             effects += self._begin_read()
         return effects
 
-    def start_fast(self, ballot: Ballot, only: Sequence[NodeId] | None = None, notify: int = 0) -> list[Effect]:
-        """Start a write at the owner's reserved round-0 ``ballot``, skipping prepare.
+    def start_fast(
+        self, ballot: Ballot, only: Sequence[NodeId] | None = None, notify: int = 0, hand_back: bool = False
+    ) -> list[Effect]:
+        """Start a write at a round-0 ``ballot``, skipping prepare.
 
         Safe only under the conditions docs/design.md gives, which the caller (NodeCore)
         guarantees. With ``only``, the accept goes to those acceptors alone and the proposal is
         chosen when every one of them accepted it; a nack or an unreachable one falls back to
         full Paxos at once. Otherwise it goes to all and a majority chooses it. A timeout falls
         back to full Paxos at round 1 or above. ``notify`` goes in these round-0 accepts only
-        (:class:`Accept`: the node that forwarded the write, or 0).
+        (:class:`Accept`: the node that forwarded the write, or 0). With ``hand_back`` (and
+        ``only``), instead of falling back, the proposer ends with :class:`Declined`.
         """
         assert self.phase is _Phase.IDLE and self.own is not None and ballot.round == FAST_ROUND
         self.attempts += 1
         self._ballot = ballot
         self._only = tuple(only) if only is not None else None
+        self._hand_back = hand_back and only is not None
         effects: list[Effect] = [SetTimer(self.config.deadline_ms, DEADLINE_TOKEN)]
         return effects + self._begin_accept(self.own, notify)
 
@@ -276,6 +291,8 @@ class Proposer:
             return []  # a timer of an earlier phase
         if self.phase is _Phase.BACKOFF:
             return self._begin_prepare()
+        if self._hand_back:
+            return self._decline()
         # The phase timed out with replies missing: try again with a higher ballot.
         return self._retry()
 
@@ -386,7 +403,7 @@ class Proposer:
                 assert self._value is not None
                 return self._finish(self._value, learned=False)
             if self._nacked or self._down:
-                return self._begin_prepare()
+                return self._decline() if self._hand_back else self._begin_prepare()
             return []
         if len(self._ok) >= self.majority:
             if self.phase is _Phase.PREPARE:
@@ -455,6 +472,11 @@ class Proposer:
             effects += [Send(n, Learn(self.key, proposal), self.seq) for n in self.nodes]
         effects.append(Done(self.outcome))
         return effects
+
+    def _decline(self) -> list[Effect]:
+        self.phase = _Phase.DONE
+        self.seq += 1  # answers still on their way belong to no phase
+        return [Declined()]
 
     def _finish_empty(self) -> list[Effect]:
         self.phase = _Phase.DONE

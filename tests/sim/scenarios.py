@@ -164,9 +164,13 @@ def _node_config(rng: random.Random) -> NodeConfig:
 
 
 def _with_fast_writes(config: NodeConfig, seed: str) -> NodeConfig:
-    """Most runs let owners write in one round trip, some run full Paxos only. Drawn from its
-    own generator, so every other draw of a seed stays what it was before the fast path."""
-    return replace(config, fast_writes=random.Random(f"fast/{seed}").random() < 0.75)
+    """Most runs let owners write in one round trip, some run full Paxos only; of the former,
+    half let every node of a cluster of three write round 0 itself (a non-owner forwards only
+    what is declined), half forward every write of a key another node owns at once. Drawn from
+    their own generators, so every other draw of a seed stays what it was before."""
+    fast = random.Random(f"fast/{seed}").random() < 0.75
+    here = random.Random(f"fast-here/{seed}").random() < 0.5
+    return replace(config, fast_writes=fast, fast_writes_here=here)
 
 
 def _make_world(
