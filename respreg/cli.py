@@ -47,8 +47,8 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-writes-in-flight",
         type=int,
-        default=512,
-        help="client writes a node runs at once; more wait up to half their deadline to start (default 512; "
+        default=1024,
+        help="client writes a node runs at once; more wait up to half their deadline to start (default 1024; "
         "see docs/operations.md)",
     )
     p.add_argument(

@@ -41,7 +41,7 @@ class ServerConfig:
     max_inflight_per_client: int = 1024
     #: Client writes a node runs at once; more wait to start, in arrival order, for at most half
     #: their deadline (docs/design.md, "Overload").
-    max_writes_in_flight: int = 512
+    max_writes_in_flight: int = 1024
     state_cache_keys: int = 50_000
     chosen_cache_keys: int = 2_000_000
     #: Bounds the memory of chosen values kept for local reads (entries counted with their
