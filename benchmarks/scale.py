@@ -249,7 +249,10 @@ def _populate_init(fsync: bool) -> None:
 
 OWNER_ROUND_0 = "owner-round-0"
 OTHERS_ROUND_0 = "others-round-0"
+RECEIVER_ROUND_0 = "receiver-round-0"
 RECEIVER_ROUNDS = "receiver-rounds"
+#: The rules under which the key's owner holds nothing.
+OWNER_OUT = (OTHERS_ROUND_0, RECEIVER_ROUND_0)
 PROBES = 12
 
 
@@ -271,6 +274,9 @@ class Shape:
       one-round-trip write of the key's owner (a write reaching another node is forwarded to it);
     - ``others-round-0``: the same on the two nodes other than the owner, nothing on the owner
       (a cluster of three, where the owner's acceptor stays out of round 0);
+    - ``receiver-round-0``: promised = accepted = (0, receiver, receiver's incarnation) on the two
+      nodes other than the owner, nothing on the owner (a cluster of three, where any node
+      writes at round 0 itself with the two non-owners);
     - ``receiver-rounds``: promised = accepted = (operation, receiver, receiver's incarnation), the
       receiver running both Paxos phases itself.
     """
@@ -294,6 +300,8 @@ class Shape:
             owner = owner_of_key(key_of(i), nodes)
             assert owner is not None
             ballot = Ballot(0, owner, self.incarnation(owner))
+        elif self.rule == RECEIVER_ROUND_0:
+            ballot = Ballot(0, receiver, self.incarnation(receiver))
         else:
             ballot = Ballot(seq, receiver, self.incarnation(receiver))
         return AcceptorState(promised=ballot, accepted=ballot, proposal=Proposal(pid, value_of(i)))
@@ -301,7 +309,7 @@ class Shape:
     def state_on(self, i: int, node: int) -> AcceptorState | None:
         """What node ``node`` holds for key i: :meth:`state`, or nothing on an owner that stays
         out of round 0."""
-        if self.rule == OTHERS_ROUND_0 and owner_of_key(key_of(i), self.nodes()) == node:
+        if self.rule in OWNER_OUT and owner_of_key(key_of(i), self.nodes()) == node:
             return None
         return self.state(i)
 
@@ -313,7 +321,7 @@ def probe_key(i: int) -> bytes:
 def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: dict[int, int], via: int) -> Shape:
     """Which ballot rule the probe writes (all sent to node ``via``) follow; raise if none fits."""
     nodes = sorted(incarnations)
-    rules = {OWNER_ROUND_0, OTHERS_ROUND_0, RECEIVER_ROUNDS}
+    rules = {OWNER_ROUND_0, OTHERS_ROUND_0, RECEIVER_ROUND_0, RECEIVER_ROUNDS}
     problems: list[str] = []
     for key, states in probes.items():
         owner = owner_of_key(key, nodes)
@@ -324,6 +332,7 @@ def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: d
             continue
         if len(held) == len(states):
             rules.discard(OTHERS_ROUND_0)
+            rules.discard(RECEIVER_ROUND_0)
         elif len(held) == len(states) - 1 and owner in nodes and states[nodes.index(owner)] is None:
             rules.discard(OWNER_ROUND_0)
             rules.discard(RECEIVER_ROUNDS)
@@ -342,6 +351,8 @@ def infer_shape(probes: dict[bytes, list[AcceptorState | None]], incarnations: d
         if not (b.round == 0 and b.node == owner):
             rules.discard(OWNER_ROUND_0)
             rules.discard(OTHERS_ROUND_0)
+        if not (b.round == 0 and b.node == via):
+            rules.discard(RECEIVER_ROUND_0)
         if not (b.round >= 1 and b.node == via):
             rules.discard(RECEIVER_ROUNDS)
     if problems or len(rules) != 1:
@@ -388,7 +399,7 @@ def populate(roots: list[Path], keys: int, shape: Shape, procs: int, fsync: bool
                 rate = done / (now - t0)
                 print(f"    populated {done:,}/{keys:,} keys x {len(roots)} nodes ({rate:,.0f} keys/s)", flush=True)
     write_s = time.monotonic() - t0
-    files = keys * (len(roots) - (1 if shape.rule == OTHERS_ROUND_0 else 0))
+    files = keys * (len(roots) - (1 if shape.rule in OWNER_OUT else 0))
     t1 = time.monotonic()
     os.sync()
     sync_s = time.monotonic() - t1
