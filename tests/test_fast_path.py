@@ -274,12 +274,17 @@ def test_round_zero_here_with_the_other_non_owner_known_down_forwards_at_once() 
 def test_declined_round_zero_with_the_owner_down_is_completed_here_and_never_noquorum() -> None:
     """Node 3 refuses (it holds another round-0 proposal) and the owner is known down: node 1
     runs full Paxos itself. Its proposal went out in an accept, so failing is UNCERTAIN."""
-    s = Scripted(config=FAST)
     key = key_owned_by(2)
     earlier = Proposal(b"old", b"earlier")
-    s.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 3, 7), Ballot(FAST_ROUND, 3, 7), earlier)
-    s.cores[NodeId(1)].set_peer_up(NodeId(2), False)
-    s.write(1, 7, key, b"p7", b"v")
+
+    def written_with_the_owner_down() -> Scripted:
+        s = Scripted(config=FAST)
+        s.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 3, 7), Ballot(FAST_ROUND, 3, 7), earlier)
+        s.cores[NodeId(1)].set_peer_up(NodeId(2), False)
+        s.write(1, 7, key, b"p7", b"v")
+        return s
+
+    s = written_with_the_owner_down()
     s.deliver(src=1, dst=3)
     s.deliver(src=3, dst=1)
     assert s.cores[NodeId(1)].stats["fast_writes_declined"] == 1
@@ -292,10 +297,7 @@ def test_declined_round_zero_with_the_owner_down_is_completed_here_and_never_noq
     assert isinstance(outcome, Failed) and outcome.kind is Failure.UNCERTAIN
     # And with node 3 reachable the same situation settles: node 3's proposal is the higher
     # round-0 ballot, so Paxos completes it; the write answers nil, exactly.
-    s2 = Scripted(config=FAST)
-    s2.disk[NodeId(3)][key] = AcceptorState(Ballot(FAST_ROUND, 3, 7), Ballot(FAST_ROUND, 3, 7), earlier)
-    s2.cores[NodeId(1)].set_peer_up(NodeId(2), False)
-    s2.write(1, 7, key, b"p7", b"v")
+    s2 = written_with_the_owner_down()
     s2.settle([1, 3])
     outcome = s2.outcomes[7]
     assert isinstance(outcome, Chosen) and outcome.proposal == earlier

@@ -579,6 +579,27 @@ class NodeCore:
         failed link during the attempt falls back to full Paxos at once.
         """
         acceptors = [n for n in self.nodes if n != self.me]
+        remote = self._remote_ops.get(op_id)
+        # A write another node forwarded: both acceptors also tell that node once they hold
+        # the proposal durably, so it can answer its client without waiting for this node.
+        notify = int(remote[0]) if remote is not None and remote[0] in acceptors else 0
+        return self._round_zero(op_id, key, proposal, deadline_ms, acceptors, notify, False)
+
+    def _round_zero(
+        self,
+        op_id: int,
+        key: bytes,
+        proposal: Proposal,
+        deadline_ms: float | None,
+        acceptors: list[NodeId],
+        notify: int,
+        hand_back: bool,
+    ) -> list[NodeEffect] | None:
+        """A round-0 write at ``(0, me, incarnation)`` to ``acceptors`` alone, chosen when every
+        one of them accepted it (_begin_fast_peers, _begin_fast_here); None when one of them is
+        known down, the key's round 0 was already spent here, or this node's acceptor holds
+        something for the key. ``hand_back``: the attempt ends Declined instead of falling back
+        to full Paxos."""
         if any(n in self._peers_down for n in acceptors) or key in self._fast_spent:
             return None
         # Any state here means full Paxos touched the key (it prepares on every node, this one
@@ -589,12 +610,10 @@ class NodeCore:
         p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
         self.stats["fast_writes"] += 1
         self._fast_ops[op_id] = key
-        remote = self._remote_ops.get(op_id)
-        # A write another node forwarded: both acceptors also tell that node once they hold
-        # the proposal durably, so it can answer its client without waiting for this node.
-        notify = int(remote[0]) if remote is not None and remote[0] in acceptors else 0
-        effects = p.start_fast(Ballot(FAST_ROUND, int(self.me), self.incarnation), acceptors, notify)
-        return self._run(op_id, effects)
+        if hand_back:
+            self._here_ops.add(op_id)
+        ballot = Ballot(FAST_ROUND, int(self.me), self.incarnation)
+        return self._run(op_id, p.start_fast(ballot, acceptors, notify, hand_back))
 
     def _begin_fast_here(
         self, op_id: int, owner: NodeId, key: bytes, proposal: Proposal, deadline_ms: float | None
@@ -618,16 +637,8 @@ class NodeCore:
         """
         if not self.fast_writes or self.not_voting is not None:
             return None
-        other = next(n for n in self.nodes if n != owner and n != self.me)
-        if other in self._peers_down or key in self._fast_spent or self._empty_slot(key) is None:
-            return None
-        p = self._new_proposer(op_id, key, proposal, deadline_ms, True)
-        self.stats["fast_writes"] += 1
-        self._fast_ops[op_id] = key
-        self._here_ops.add(op_id)
-        acceptors = sorted((self.me, other))
-        ballot = Ballot(FAST_ROUND, int(self.me), self.incarnation)
-        return self._run(op_id, p.start_fast(ballot, acceptors, 0, hand_back=True))
+        acceptors = [n for n in self.nodes if n != owner]  # this node and the other non-owner
+        return self._round_zero(op_id, key, proposal, deadline_ms, acceptors, 0, True)
 
     def _contended(self) -> bool:
         """Whether to forward a write of another node's key at once instead of trying round 0
