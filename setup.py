@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 #: Left out: the command line (cli.py, __main__.py, run once), the package __init__ (it chooses
@@ -53,14 +53,19 @@ class BuildExtOrPure(build_ext):
             self.warn(f"respreg: compiling with mypyc failed ({exc}); installing pure Python")
 
 
+#: Written in C, not compiled from Python: the group committer's batched file system calls
+#: (respreg/_fileio.c). Optional: where it does not build, storage.py makes the calls itself.
+FILEIO = Extension("respreg._fileio", ["respreg/_fileio.c"], optional=True)
+
+
 def ext_modules() -> list[Any]:
     if os.environ.get("RESPREG_PURE_PYTHON"):
         return []
     try:
         from mypyc.build import mypycify
     except ImportError:
-        return []
-    return list(mypycify(COMPILED, opt_level="3", group_name="respreg._native"))
+        return [FILEIO]
+    return [*mypycify(COMPILED, opt_level="3", group_name="respreg._native"), FILEIO]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExtOrPure})

@@ -70,6 +70,8 @@ spare files (``KeyFiles(spares=...)``); other users of a store (tools, tests) cr
 Where the file system has unnamed files (O_TMPFILE), the serving process keeps most of its spares
 unnamed and open, and a batch synced with syncfs links each straight onto its key's name once its
 data is durable (:class:`_Spares`; the argument is in docs/design.md, *Unnamed spare files*).
+Where respreg._fileio is built (a small C module), such a batch's writes, syncs and links are
+all made in one call from the group committer's thread (:class:`DirectBatch`).
 
 node.meta format (version 2; version 1 is still read)
 ------------------------------------------------------
@@ -117,6 +119,20 @@ from typing import Self, TypeVar
 from respreg.core.types import AcceptorState, Ballot, Proposal
 from respreg.keyindex import KnownNames
 
+try:
+    from respreg import _fileio
+except ImportError:  # built without a C compiler: the calls are made one by one from Python
+    _fileio = None  # type: ignore[assignment]
+if os.environ.get("RESPREG_PURE_PYTHON"):
+    _fileio = None  # type: ignore[assignment]
+
+
+def batched_io() -> bool:
+    """Whether a staged batch's file system calls are made by respreg._fileio, in one call
+    from the committer's thread (else storage.py makes them one by one, on the event loop)."""
+    return _fileio is not None
+
+
 __all__ = [
     "CorruptStateError",
     "DataDirError",
@@ -125,6 +141,7 @@ __all__ = [
     "KeyFiles",
     "NodeInfo",
     "NodeMeta",
+    "batched_io",
     "decode_state",
     "encode_state",
     "open_node",
@@ -421,9 +438,14 @@ def _load_linkers() -> list[Linker]:
     def by_proc_path(fd: int, path: str) -> None:
         call(_AT_FDCWD, b"/proc/self/fd/%d" % fd, path, _AT_SYMLINK_FOLLOW)
 
+    if _fileio is not None:
+        _LINK_MODES[by_descriptor] = _fileio.LINK_BY_DESCRIPTOR
+        _LINK_MODES[by_proc_path] = _fileio.LINK_BY_PROC_PATH
     return [by_descriptor, by_proc_path]
 
 
+#: How respreg._fileio names an unnamed file the way each linker does.
+_LINK_MODES: dict[Linker, int] = {}
 _LINKERS = _load_linkers()
 
 
@@ -568,6 +590,8 @@ def _makedirs_durably(path: Path) -> None:
 #: Directory (under ``keys/``) of empty files made ready for writes, and how many it keeps.
 SPARE_DIR_NAME = ".spare"
 SPARES_KEPT = 512
+#: Unnamed spares the thread makes per call into respreg._fileio.
+UNNAMED_PER_CALL = 64
 
 
 class _Spares:
@@ -596,7 +620,7 @@ class _Spares:
 
     def __init__(self, directory: Path, kept: int, *, hold_open: bool = False, unnamed: bool = False) -> None:
         self.directory = directory
-        self._text = str(directory)
+        self._text = self.directory_text = str(directory)
         self.hold_open = hold_open
         self._lock = threading.Lock()
         #: Named spares: (name, descriptor open for writing, or -1 if only the name is held).
@@ -634,6 +658,19 @@ class _Spares:
             self._wanted.set()
         return spare
 
+    def take_unnamed(self, count: int) -> list[int]:
+        """Up to ``count`` unnamed spares' descriptors (fewer when fewer are ready), which the
+        caller closes and then gives back with :meth:`release`."""
+        with self._lock:
+            unnamed = self._unnamed
+            taken = unnamed[-count:] if count < len(unnamed) else unnamed
+            self._unnamed = unnamed[: len(unnamed) - len(taken)]
+            self._out += len(taken)
+            low = self._low()
+        if low:
+            self._wanted.set()
+        return taken
+
     def release(self, count: int) -> None:
         """``count`` unnamed spares taken earlier are closed: the thread may make as many again."""
         with self._lock:
@@ -650,13 +687,15 @@ class _Spares:
         with self._lock:
             return len(self._ready) + len(self._unnamed)
 
-    def _next_kind(self) -> str | None:
-        """What the thread should make next: "unnamed", "named", or None (the stock is full)."""
+    def _next_kind(self) -> tuple[str, int] | None:
+        """What the thread should make next: ("unnamed", how many are missing), ("named", 1), or
+        None (the stock is full)."""
         with self._lock:
-            if len(self._unnamed) + self._out < self._unnamed_kept:
-                return "unnamed"
+            missing = self._unnamed_kept - len(self._unnamed) - self._out
+            if missing > 0:
+                return "unnamed", missing
             if len(self._ready) < self._named_kept:
-                return "named"
+                return "named", 1
             return None
 
     def close(self) -> None:
@@ -677,12 +716,17 @@ class _Spares:
             self._wanted.clear()
             if self._stop:
                 return
-            while not self._stop and (kind := self._next_kind()) is not None:
+            while not self._stop and (wanted := self._next_kind()) is not None:
+                kind, missing = wanted
                 try:
                     if kind == "unnamed":
-                        fd = _create_unnamed(self._text)
+                        if _fileio is not None:
+                            # Many at a time, with the interpreter lock given up once.
+                            fds = _fileio.create_unnamed(self._text, min(missing, UNNAMED_PER_CALL))
+                        else:
+                            fds = [_create_unnamed(self._text)]
                         with self._lock:
-                            self._unnamed.append(fd)
+                            self._unnamed.extend(fds)
                         continue
                     name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
                     fd = _create(name)
@@ -788,6 +832,78 @@ class StagedBatch:
         self.data_fd = self.names_fd = -1
         if unnamed and self._release is not None:
             self._release(len(unnamed))
+
+
+class DirectBatch:
+    """A batch synced with syncfs whose files are all unnamed, made durable and visible by
+    respreg._fileio in one call, with the interpreter lock given up once: the steps and their
+    order are :class:`StagedBatch`'s (write every file, syncfs, link each onto its key's name,
+    syncfs), and so are the errors :meth:`commit` raises. Built by :meth:`KeyFiles.stage_direct`
+    on the event loop (taking spares, no file system call but one open); :meth:`commit` runs in
+    the committer's thread (it also makes the files no spare was ready for); :meth:`close`
+    always follows, on either."""
+
+    def __init__(self, spares: _Spares, how: int, names_fd: int, jobs: list[tuple[str, bytes]], fds: list[int]) -> None:
+        self._spares = spares
+        self._how = how
+        self._names_fd = names_fd
+        self._finals = [final for final, _ in jobs]
+        self._paths = [os.fsencode(final) for final in self._finals]
+        self._datas = [data for _, data in jobs]
+        #: The unnamed spare taken for each state, -1 where none was ready (commit makes one).
+        self.fds = fds + [-1] * (len(jobs) - len(fds))
+        #: Spares taken from the stock, given back by close.
+        self.borrowed = len(fds)
+        self._open = True
+
+    def commit(self) -> None:
+        """Blocking: write, sync, name and sync (see the class docstring); then the descriptors
+        are closed. OSError when nothing visible changed, DurabilityError once a name did."""
+        assert _fileio is not None and self._open
+        fds = self.fds
+        missing = [i for i, fd in enumerate(fds) if fd < 0]
+        while missing:
+            made = _fileio.create_unnamed(self._spares.directory_text, len(missing))
+            for i, fd in zip(missing, made, strict=False):
+                fds[i] = fd
+            missing = missing[len(made) :]
+        phase, index = _fileio.PHASE_WRITE, 0
+        while True:
+            phase, index, err = _fileio.run_batch(
+                fds, self._datas, self._paths, fds[0], self._names_fd, self._how, phase, index
+            )
+            if phase == _fileio.PHASE_DONE:
+                self._open = False  # run_batch closed them
+                return
+            if phase == _fileio.PHASE_LINK:
+                final = self._finals[index]
+                try:
+                    if err != errno.EEXIST:
+                        raise OSError(err, os.strerror(err), final)
+                    # The key has a file already: a temp name beside it, renamed over it.
+                    assert self._spares.link is not None
+                    _name_unnamed(self._spares.link, fds[index], final)
+                except OSError as exc:
+                    if index == 0:
+                        raise
+                    raise _not_durable(exc) from exc
+                index += 1
+                continue
+            failed = OSError(err, f"{'syncfs' if phase != _fileio.PHASE_WRITE else 'write'}: {os.strerror(err)}")
+            if phase == _fileio.PHASE_SYNC_NAMES:
+                raise _not_durable(failed)
+            raise failed  # a write or the data's sync: no name changed
+
+    def close(self) -> None:
+        """Close what commit left open (every descriptor, if it never ran or failed) and give
+        the spares taken back to the stock."""
+        if self._open:
+            self._open = False
+            assert _fileio is not None
+            _fileio.close_all([*self.fds, self._names_fd])
+        if self.borrowed:
+            self._spares.release(self.borrowed)
+            self.borrowed = 0
 
 
 #: How many file names of keys loaded without state are kept for their first write.
@@ -982,6 +1098,13 @@ class KeyFiles:
         if not jobs:
             return
         if self.stages(len(jobs)):
+            direct = self._direct(jobs)
+            if direct is not None:
+                try:
+                    direct.commit()
+                finally:
+                    direct.close()
+                return
             staged = self._stage(jobs)
             try:
                 staged.sync_data()
@@ -1056,6 +1179,30 @@ class KeyFiles:
         times per batch waits for it as often behind a busy event loop.
         """
         return self._stage(self._jobs(items))
+
+    def stage_direct(self, items: Sequence[tuple[bytes, AcceptorState]]) -> DirectBatch | None:
+        """Like :meth:`stage`, for a batch that :meth:`stages`, but nothing is written yet: the
+        returned batch's :meth:`DirectBatch.commit` does it all. None where respreg._fileio or
+        unnamed spares are missing (then use :meth:`stage`)."""
+        return self._direct(self._jobs(items)) if self._direct_link() is not None else None
+
+    def _direct_link(self) -> int | None:
+        """How respreg._fileio names this store's unnamed spares, or None if it cannot."""
+        spares = self._spares
+        if _fileio is None or spares is None or spares.link is None:
+            return None
+        return _LINK_MODES.get(spares.link)
+
+    def _direct(self, jobs: list[tuple[str, bytes]]) -> DirectBatch | None:
+        how = self._direct_link()
+        if how is None:
+            return None
+        assert self._spares is not None and self.stages(len(jobs))
+        self.syncfs_batches += 1
+        # Opened before any of the batch's data is written (see _stage); the data's sync goes
+        # through a spare's descriptor, opened earlier still.
+        names_fd = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return DirectBatch(self._spares, how, names_fd, jobs, self._spares.take_unnamed(len(jobs)))
 
     def _jobs(self, items: Sequence[tuple[bytes, AcceptorState]]) -> list[tuple[str, bytes]]:
         """(file, encoded state) of each key's last state in ``items``, in first-seen key order."""
@@ -1231,13 +1378,22 @@ class GroupCommitter:
         if not self._files.stages(len(items)):
             self._in_thread(partial(self._files.write_many, items), partial(self._batch_done, batch))
             return
-        # A large batch in syncfs mode: the writes and renames on this loop, the syncs in the thread.
+        # A large batch in syncfs mode: with respreg._fileio all of it in the thread, in one
+        # call; else the writes and renames on this loop, the syncs in the thread.
         try:
+            direct = self._files.stage_direct(items)
+            if direct is not None:
+                self._in_thread(direct.commit, partial(self._direct_done, batch, direct))
+                return
             staged = self._files.stage(items)
         except Exception as exc:  # noqa: BLE001 - every write of the batch must hear how it ended
             self._loop.call_soon(self._batch_done, batch, exc)
             return
         self._in_thread(staged.sync_data, partial(self._data_synced, batch, staged))
+
+    def _direct_done(self, batch: _Batch, direct: DirectBatch, error: BaseException | None) -> None:
+        direct.close()
+        self._batch_done(batch, error)
 
     def _data_synced(self, batch: _Batch, staged: StagedBatch, error: BaseException | None) -> None:
         if error is None:

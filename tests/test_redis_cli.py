@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from respreg.storage import resolve_sync_mode
+from respreg.storage import batched_io, resolve_sync_mode
 
 from .cluster import HOST, Cluster, reference_redis, running
 
@@ -171,6 +171,7 @@ def test_info_persistence_counts_writes_spare_files_and_the_name_index(shared: C
         time.sleep(0.05)
     assert int(now["spare_files_ready"]) > 0
     assert now["spare_files"] in ("unnamed", "held", "named")
+    assert now["batch_io"] == ("batched" if batched_io() else "per-call")
     assert now["key_index"] == "ready"
     assert int(now["fsync_errors"]) == 0 and "group_commit_writes" in now
     assert now["sync_mode"] == resolve_sync_mode("auto")  # the cluster runs with the default

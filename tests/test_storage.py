@@ -71,6 +71,17 @@ def sync(request: pytest.FixtureRequest) -> str:
     return mode
 
 
+@pytest.fixture(params=["c", "python"])
+def fileio(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Who makes a staged batch's file system calls: respreg._fileio, in one call from the
+    committer's thread ("c"), or storage.py one by one ("python", as where it was not built)."""
+    if request.param == "python":
+        monkeypatch.setattr(storage, "_fileio", None)
+    elif not storage.batched_io():
+        pytest.skip("respreg._fileio is not built here (no C compiler when the package was installed)")
+    return str(request.param)
+
+
 @pytest.fixture
 def files(tmp_path: Path, sync: str) -> Iterator[KeyFiles]:
     kf = KeyFiles(tmp_path / "keys", sync=sync)
@@ -610,7 +621,9 @@ def test_group_commit_in_syncfs_mode_reports_a_failed_sync_to_every_write(
 
 @pytest.mark.parametrize("spares", ["no-spares", "unnamed"])
 @pytest.mark.parametrize("blocked_first", [True, False])
-def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blocked_first: bool, spares: str) -> None:
+def test_group_commit_in_syncfs_mode_reports_a_failed_rename(
+    tmp_path: Path, blocked_first: bool, spares: str, fileio: str
+) -> None:
     """A rename (or, for an unnamed spare, a link) that fails before any other of its batch is a
     plain OSError (nothing visible changed); after one, a DurabilityError. The files not renamed
     are removed, and unnamed spares go back to the stock."""
@@ -643,7 +656,7 @@ def test_group_commit_in_syncfs_mode_reports_a_failed_rename(tmp_path: Path, blo
 
 @pytest.mark.parametrize("linker", ["descriptor", "proc-path"])
 def test_an_unnamed_spare_replaces_an_existing_key_file(
-    tmp_path: Path, linker: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, linker: str, monkeypatch: pytest.MonkeyPatch, fileio: str
 ) -> None:
     """A key that has a file already: the unnamed spare gets a temp name beside it and is
     renamed over it, in staged batches and in the small ones that fsync each file (once the
@@ -696,7 +709,42 @@ def test_a_small_batch_with_no_named_spare_left_names_an_unnamed_one_beside_its_
         files.close()
 
 
-def test_a_batch_larger_than_the_stock_of_unnamed_spares_creates_temp_files_for_the_rest(tmp_path: Path) -> None:
+def _stage_beyond_the_stock(files: KeyFiles, items: list[tuple[bytes, AcceptorState]]) -> None:
+    batch = files.stage(items)
+    try:
+        # Eight kept: seven unnamed and one named (a sixteenth, at least one).
+        unnamed = [fd for _, tmp, fd in batch.files if not tmp]
+        assert len(unnamed) == 7 and all(fd >= 0 for fd in unnamed)
+        # The rest: named spares (the thread makes more of them meanwhile), then temp files.
+        named = [tmp for _, tmp, _ in batch.files if tmp.endswith(".spare")]
+        assert len(named) >= 1 and len(named) + len([t for _, t, _ in batch.files if t.endswith(".tmp")]) == 13
+        batch.sync_data()
+        batch.publish()
+        batch.sync_names()
+    finally:
+        batch.close()
+
+
+def _direct_beyond_the_stock(files: KeyFiles, items: list[tuple[bytes, AcceptorState]]) -> None:
+    direct = files.stage_direct(items)
+    assert direct is not None
+    try:
+        # The seven unnamed spares taken (the named one is kept for small batches); nothing
+        # written or named yet: the thread's one call does that, and makes the other thirteen.
+        assert direct.borrowed == 7 and direct.fds.count(-1) == 13
+        assert all(files.load(key) is None for key, _ in items)
+        assert len(list((files.root / SPARE_DIR_NAME).iterdir())) == 1
+        direct.commit()
+    finally:
+        direct.close()
+    assert direct.borrowed == 0 and files._spares is not None and files._spares._out == 0
+
+
+def test_a_batch_larger_than_the_stock_of_unnamed_spares(tmp_path: Path, fileio: str) -> None:
+    """A staged batch takes the unnamed spares ready. Written from the loop ("python"), its other
+    states go to named spares and temp files; with respreg._fileio ("c"), the loop only takes
+    the spares, and the committer's thread makes unnamed files for the rest, writes, syncs and
+    names them all in one call, which closes every descriptor. Either way the spares go back."""
     _needs_syncfs()
     before = _open_fds()
     files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=8, **SPARE_KINDS["unnamed"])
@@ -704,26 +752,50 @@ def test_a_batch_larger_than_the_stock_of_unnamed_spares_creates_temp_files_for_
     try:
         _wait_spares(files, 8)
         items = [(b"many:%d" % i, state_for(i)) for i in range(20)]
-        batch = files.stage(items)
-        try:
-            # Eight kept: seven unnamed and one named (a sixteenth, at least one).
-            unnamed = [fd for _, tmp, fd in batch.files if not tmp]
-            assert len(unnamed) == 7 and all(fd >= 0 for fd in unnamed)
-            # The rest: named spares (the thread makes more of them meanwhile), then temp files.
-            named = [tmp for _, tmp, _ in batch.files if tmp.endswith(".spare")]
-            assert len(named) >= 1 and len(named) + len([t for _, t, _ in batch.files if t.endswith(".tmp")]) == 13
-            batch.sync_data()
-            batch.publish()
-            batch.sync_names()
-        finally:
-            batch.close()
+        if fileio == "c":
+            _direct_beyond_the_stock(files, items)
+        else:
+            assert files.stage_direct(items) is None
+            _stage_beyond_the_stock(files, items)
         assert [files.load(key) for key, _ in items] == [state for _, state in items]
+        assert all(os.stat(files.path_for(key)).st_nlink == 1 for key, _ in items)
         assert not list(files.root.rglob("*.tmp"))
         _wait_spares(files, 8)
         assert _open_fds() == before + 8  # the batch's descriptors are closed; the stock is held
     finally:
         files.close()
     assert _open_fds() == before
+
+
+def test_a_direct_batch_that_fails_before_any_name_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None:
+    """respreg._fileio's errors: a key whose path cannot be linked (a directory there) first in
+    its batch is a plain OSError, nothing of the batch is visible, and close releases every
+    descriptor, including those commit made itself."""
+    _needs_syncfs()
+    if not storage.batched_io():
+        pytest.skip("respreg._fileio is not built here (no C compiler when the package was installed)")
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=4, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    _block_path_with_directory(files, b"blocked")
+    try:
+        _wait_spares(files, 4)
+        fds_before = _open_fds()
+        items = [(b"blocked", SAMPLE), *[(b"after:%d" % i, state_for(i)) for i in range(6)]]
+        direct = files.stage_direct(items)
+        assert direct is not None and direct.borrowed == 3
+        with pytest.raises(OSError) as raised:
+            try:
+                direct.commit()
+            finally:
+                direct.close()
+        assert not isinstance(raised.value, storage.DurabilityError)
+        assert raised.value.errno in (errno.EEXIST, errno.EISDIR, errno.EPERM), raised.value
+        assert all(files.load(key) is None for key, _ in items[1:])
+        assert not list(files.root.rglob("*.tmp"))
+        _wait_spares(files, 4)  # the three spares taken are closed and made again
+        assert _open_fds() == fds_before  # and none of the four made by commit is left open
+    finally:
+        files.close()
 
 
 _CRASH_MID_BATCH = """
@@ -935,7 +1007,7 @@ SPARE_KINDS: dict[str, SpareArgs] = {
 
 
 @pytest.mark.parametrize("kind", list(SPARE_KINDS))
-def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str, kind: str) -> None:
+def test_writes_take_spare_files_and_store_the_same_states(tmp_path: Path, sync: str, kind: str, fileio: str) -> None:
     # 32 kept: taking 10 leaves more than half, so no refill runs during the batch (a refill
     # could hand out a spare created after the listing below).
     files = KeyFiles(tmp_path / "keys", spares=32, sync=sync, **SPARE_KINDS[kind])
