@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import respreg
+from respreg import storage
 
 PACKAGE = Path(respreg.__file__).parent
 PROBE = "import respreg, respreg.client, respreg.core.node; print(respreg.compiled(), respreg.client.__file__)"
@@ -53,6 +54,8 @@ def test_this_process_runs_the_compiled_modules() -> None:
     for name in ("resp", "client", "server", "peer", "core.node", "core.proposer", "core.acceptor"):
         module = sys.modules.get(f"respreg.{name}") or __import__(f"respreg.{name}", fromlist=["_"])
         assert not str(module.__file__).endswith(".py"), module.__file__
+    # The C module of the group committer's batched calls is built with them (setup.py).
+    assert storage.batched_io()
 
 
 def test_a_fresh_copy_runs_compiled(tmp_path: Path) -> None:
