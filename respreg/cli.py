@@ -36,6 +36,13 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
         "--deadline-ms", type=float, default=3000.0, help="answer every request within this time (default 3000)"
     )
     p.add_argument(
+        "--attempt-timeout-ms",
+        type=float,
+        default=500.0,
+        help="least time a Paxos phase waits for missing answers before it retries; more while the peers "
+        "answer slower (default 500; see docs/operations.md)",
+    )
+    p.add_argument(
         "--peer-timeout-ms",
         type=float,
         default=1000.0,
@@ -103,6 +110,7 @@ def serve(argv: Sequence[str]) -> int:
             peers=parse_peers(args.peers),
             cluster_secret=_read_secret(args, prog),
             deadline_ms=args.deadline_ms,
+            attempt_timeout_ms=args.attempt_timeout_ms,
             peer_timeout_ms=args.peer_timeout_ms,
             max_key_bytes=args.max_key_bytes,
             max_value_bytes=args.max_value_bytes,
@@ -205,6 +213,8 @@ def cluster(argv: Sequence[str]) -> int:
             str(secret_file),
             "--deadline-ms",
             str(args.deadline_ms),
+            "--attempt-timeout-ms",
+            str(args.attempt_timeout_ms),
             "--peer-timeout-ms",
             str(args.peer_timeout_ms),
             "--max-key-bytes",

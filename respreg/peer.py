@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -499,6 +500,31 @@ class PeerLink(asyncio.Protocol):
         self.connects = 0
         self.ups = 0
         self.failures = 0
+        #: How long the peer takes to answer a request (the acceptor's disk wait included),
+        #: followed the way TCP follows round trips (Jacobson's estimator, one request timed at a
+        #: time): smoothed time and mean deviation, in seconds, 0 until the first answer.
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self._timed = 0  # the request id being timed, 0 when none
+        self._timed_at = 0.0
+        #: Called after each new answer time (the driver adapts its phase timeouts).
+        self.on_timed: Callable[[], None] | None = None
+
+    def answer_timeout(self) -> float:
+        """Seconds after which an answer is later than this peer's recent ones (as TCP's
+        retransmission timeout: srtt + 4 rttvar); 0 before the first answer."""
+        return self.srtt + 4 * self.rttvar
+
+    def _timed_answer(self) -> None:
+        sample = time.monotonic() - self._timed_at
+        self._timed = 0
+        if self.srtt == 0.0:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:
+            self.rttvar += (abs(self.srtt - sample) - self.rttvar) / 4
+            self.srtt += (sample - self.srtt) / 8
+        if self.on_timed is not None:
+            self.on_timed()
 
     # lifecycle
 
@@ -595,6 +621,7 @@ class PeerLink(asyncio.Protocol):
         self._transport = None
         self._waiting_pong = 0
         self._batch.detach()
+        self._timed = 0
         pending, self._pending = self._pending, set()
         for req_id in pending:
             self._on_reply(req_id, Unreachable())
@@ -656,6 +683,8 @@ class PeerLink(asyncio.Protocol):
                 return
             if req_id in self._pending:
                 self._pending.discard(req_id)
+                if req_id == self._timed:
+                    self._timed_answer()
                 self._on_reply(req_id, reply)
 
     async def dump(self, cursor: str) -> tuple[str | None, list[tuple[str, bytes, AcceptorState]]]:
@@ -734,6 +763,8 @@ class PeerLink(asyncio.Protocol):
             return False
         if req_id:
             self._pending.add(req_id)
+            if not self._timed:
+                self._timed, self._timed_at = req_id, time.monotonic()
         self._write(encode_request(req_id, msg))
         return True
 

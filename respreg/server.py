@@ -280,6 +280,7 @@ class NodeServer:
                 self._handle.identity,
                 self._on_hello,
             )
+            link.on_timed = self._answer_times_changed
             self.links[NodeId(p.node_id)] = link
             link.start()
         self._start_rebuild()
@@ -729,6 +730,17 @@ class NodeServer:
             self._routes[route] = (link, req_id)
         self._apply(self.core.on_request(sender, route, msg))
 
+    def _answer_times_changed(self) -> None:
+        """Phases wait for missing answers as long as the slowest peer that is up now takes to
+        answer (its answer timeout), at least ``attempt_timeout_ms`` and at most half the
+        deadline (docs/design.md, *Timeouts follow the answers*)."""
+        assert self.core is not None
+        cfg = self.config
+        slowest = max((link.answer_timeout() for link in self.links.values() if link.up), default=0.0)
+        ms = min(max(cfg.attempt_timeout_ms, round(slowest * 1000)), max(cfg.attempt_timeout_ms, cfg.deadline_ms / 2))
+        if ms != self.core.attempt_timeout_ms:
+            self.core.set_attempt_timeout(ms)
+
     def _on_peer_reply(self, req_id: int, reply: Reply) -> None:
         assert self.core is not None
         self._apply(self.core.on_peer_reply(req_id, reply))
@@ -826,6 +838,7 @@ class NodeServer:
             "writes_waiting": len(self._waiting_writes),
             "writes_delayed": self.writes_delayed,
             "writes_shed": self.writes_shed,
+            "attempt_timeout_ms": round(self.core.attempt_timeout_ms),
             "cached_states": self.core.cached_states(),
             "cached_chosen": self.core.cached_chosen(),
             "cached_replies": len(self.get_replies),
@@ -833,7 +846,10 @@ class NodeServer:
         }
         paxos.update(self.core.counters())
         for nid, link in sorted(self.links.items()):
-            paxos[f"peer{nid}"] = f"addr={link.host}:{link.port},up={int(link.up)},connects={link.ups}"
+            paxos[f"peer{nid}"] = (
+                f"addr={link.host}:{link.port},up={int(link.up)},connects={link.ups},"
+                f"answer_ms={link.srtt * 1000:.1f},answer_timeout_ms={link.answer_timeout() * 1000:.0f}"
+            )
         persistence: dict[str, str | int] = {
             "group_commit_batches": self.committer.batches,
             "group_commit_writes": self.committer.writes,

@@ -386,6 +386,45 @@ def test_a_batch_whose_sync_failed_is_not_reported(shim: Path, tmp_path: Path, s
         c.close()
 
 
+def test_phases_wait_as_long_as_slow_disks_take_instead_of_retrying(shim: Path, tmp_path: Path) -> None:
+    """Nodes 2 and 3 make every sync 150 ms late (a slow disk: a write's two syncs make its
+    answers 300 ms late), and phases are asked to wait only 50 ms for missing answers
+    (``--attempt-timeout-ms``). The first answers show how long
+    the peers take; from then on a phase waits that long, so writes through node 1 complete at
+    their first ballot: none is handed on from a round-0 attempt, no ballot is started, every one
+    is acknowledged. A phase that timed out each time would add a ballot's disk writes to every
+    write of a load the disks already cannot keep up with (docs/design.md)."""
+    c = EnvCluster(tmp_path / "cluster", extra_args=["--attempt-timeout-ms", "50"])
+    c.root.mkdir()
+    for n in (2, 3):
+        c.node_env[n] = {
+            "LD_PRELOAD": str(shim),
+            "RESPREG_SLOW_SYNC_MS": "150",
+            "RESPREG_SLOW_SYNC_PATH": str((c.node(n).data_dir / "keys").resolve()),
+        }
+
+    def retries() -> int:
+        """Round-0 writes handed on, ballots started (on any node), writes node 1 forwarded."""
+        counts = [info_int(c, n, "paxos", k) for n in (1, 2, 3) for k in ("fast_writes_declined", "ballots_started")]
+        return sum(counts) + info_int(c, 1, "paxos", "writes_forwarded")
+
+    try:
+        c.start()
+        c.wait_peers()
+        tag = uuid.uuid4().hex
+        # The answers the peers' times are learned from (a write may fail while phases still
+        # give up after 50 ms: each retry costs more slow syncs).
+        for i in range(3):
+            setonce(c, 1, f"slow:{tag}:warm:{i}", "v")
+        assert info_int(c, 1, "paxos", "attempt_timeout_ms") > 300
+        before = retries()
+        for i in range(8):
+            assert setonce(c, 1, f"slow:{tag}:{i}", "v") == "OK"
+        assert retries() == before
+    finally:
+        c.close()
+
+
 # ---- full disks --------------------------------------------------------------------------------
 
 

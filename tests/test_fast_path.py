@@ -6,6 +6,8 @@ runs the same paths under loss, duplication, crashes and amnesia (tests/test_sim
 
 from __future__ import annotations
 
+import pytest
+
 from respreg.core import acceptor
 from respreg.core.node import NodeConfig, NodeCore
 from respreg.core.proposer import DEADLINE_TOKEN, EXTEND_TOKEN, Chosen, Empty, Failed, Failure
@@ -260,6 +262,24 @@ def test_round_zero_here_is_declined_when_its_phase_times_out() -> None:
     s.settle([1, 2, 3])
     outcome = s.outcomes[7]
     assert isinstance(outcome, Chosen) and outcome.proposal.pid == b"p7"
+
+
+def test_the_attempt_timeout_set_by_the_driver_is_what_new_phases_wait() -> None:
+    """NodeCore.set_attempt_timeout (the driver follows how long its peers take to answer):
+    phases of writes started after it wait the new time, those started before keep theirs."""
+    s = Scripted(config=FAST)
+    default = FAST.proposer.attempt_timeout_ms
+    s.write(1, 7, key_owned_by(2), b"p7", b"v")
+    s.cores[NodeId(1)].set_attempt_timeout(4 * default)
+    assert s.cores[NodeId(1)].attempt_timeout_ms == 4 * default
+    s.write(1, 8, key_owned_by(3), b"p8", b"v")
+    s.write(1, 9, key_owned_by(1), b"p9", b"v")  # the owner's own round 0, with nodes 2 and 3
+    phases = {t.op_id: t.delay_ms for n, t in s.timers if n == 1 and t.token >= 0}
+    assert phases == {7: default, 8: 4 * default, 9: 4 * default}
+    with pytest.raises(ValueError):
+        s.cores[NodeId(1)].set_attempt_timeout(0)
+    s.settle([1, 2, 3])
+    assert all(isinstance(s.outcomes[op], Chosen) for op in (7, 8, 9))
 
 
 def test_round_zero_here_with_the_other_non_owner_known_down_forwards_at_once() -> None:

@@ -297,6 +297,8 @@ class NodeCore:
         self.fast_writes = self.config.fast_writes
         #: Forward SETONCEs of keys owned by another node to it (static: what the cluster runs).
         self.forward_writes = self.config.fast_writes
+        #: What new proposers get (see set_attempt_timeout).
+        self._proposer_config = self.config.proposer
         self._forwards: dict[int, _Forward] = {}
         #: Operations run on behalf of another node (a forwarded write): op id -> (node, req id).
         #: Their ids are negative, so they never collide with the driver's.
@@ -405,6 +407,26 @@ class NodeCore:
             if owner not in self._peers_down:
                 return self._forward(op_id, owner, key, proposal, deadline_ms)
         return self._begin(op_id, key, proposal, deadline_ms)
+
+    @property
+    def attempt_timeout_ms(self) -> float:
+        """How long a phase of a proposer started now waits for missing answers (its first attempt)."""
+        return self._proposer_config.attempt_timeout_ms
+
+    def set_attempt_timeout(self, ms: float) -> None:
+        """Let the phases of proposers started from now on wait ``ms`` for missing answers before
+        they retry with a higher ballot (or a round-0 write is handed on). The driver follows how
+        long the peers take to answer (docs/design.md, *Timeouts follow the answers*): a phase
+        that times out while its answers are only slow adds a ballot's disk writes to a load
+        that is already more than the disks keep up with. Only when and how hard a proposer
+        retries changes, never what any answer means."""
+        if ms <= 0:
+            raise ValueError("the attempt timeout must be positive")
+        c = self._proposer_config
+        if ms != c.attempt_timeout_ms:
+            self._proposer_config = ProposerConfig(
+                ms, c.backoff_min_ms, c.backoff_max_ms, c.deadline_ms, c.straggler_ms
+            )
 
     def set_peer_up(self, node: NodeId, up: bool) -> None:
         """The driver's view of its link to ``node``: writes are not forwarded to a node that is
@@ -819,7 +841,7 @@ class NodeCore:
     ) -> Proposer:
         if op_id in self._ops:
             raise ValueError(f"operation {op_id} already running")
-        config = self.config.proposer
+        config = self._proposer_config
         if deadline_ms is not None and deadline_ms != config.deadline_ms:
             config = config.with_deadline(deadline_ms)
         p = Proposer(

@@ -10,6 +10,9 @@
  *   - the file named by RESPREG_FAIL_FSYNC_DIRS_TRIGGER (optional) exists and the descriptor is
  *     a directory (so one process can have its files' or only its directories' fsyncs broken).
  * Every other call goes to the real function. Nothing is written anywhere by the shim.
+ *
+ * A slow disk: with RESPREG_SLOW_SYNC_MS set, every such call on a descriptor whose path contains
+ * RESPREG_SLOW_SYNC_PATH first sleeps that many milliseconds (then fails or not as above).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -61,6 +64,30 @@ static int should_fail(int fd)
     return is_dir(fd);
 }
 
+static int path_contains(int fd, const char *needle)
+{
+    char link[64];
+    char target[4096];
+    ssize_t n;
+
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, target, sizeof target - 1);
+    if (n < 0)
+        return 0;
+    target[n] = '\0';
+    return strstr(target, needle) != NULL;
+}
+
+static void maybe_slow(int fd)
+{
+    const char *ms = getenv("RESPREG_SLOW_SYNC_MS");
+    const char *needle = getenv("RESPREG_SLOW_SYNC_PATH");
+
+    if (ms == NULL || needle == NULL || needle[0] == '\0' || !path_contains(fd, needle))
+        return;
+    usleep((useconds_t)(atoi(ms) * 1000));
+}
+
 static int call_real(const char *name, int fd)
 {
     sync_fn real = (sync_fn)dlsym(RTLD_NEXT, name);
@@ -73,6 +100,7 @@ static int call_real(const char *name, int fd)
 
 int fsync(int fd)
 {
+    maybe_slow(fd);
     if (should_fail(fd)) {
         errno = EIO;
         return -1;
@@ -82,6 +110,7 @@ int fsync(int fd)
 
 int fdatasync(int fd)
 {
+    maybe_slow(fd);
     if (should_fail(fd)) {
         errno = EIO;
         return -1;
@@ -91,6 +120,7 @@ int fdatasync(int fd)
 
 int syncfs(int fd)
 {
+    maybe_slow(fd);
     if (should_fail(fd)) {
         errno = EIO;
         return -1;

@@ -185,8 +185,19 @@ def _make_world(
     rng = random.Random(f"{scenario}/{nodes}/{seed}")
     faults = tweak(Faults.draw(rng))
     drawn = _with_fast_writes(_node_config(rng), f"{scenario}/{nodes}/{seed}")
-    options = WorldOptions(node_config=config or drawn, trace=trace, lying_disk=lying_disk)
+    options = WorldOptions(
+        node_config=config or drawn,
+        trace=trace,
+        lying_disk=lying_disk,
+        retime_seed=_retime_seed(f"{scenario}/{nodes}/{seed}"),
+    )
     return World(rng, nodes, faults, options)
+
+
+def _retime_seed(seed: str) -> str | None:
+    """Half the runs vary each node's phase timeout as they go (WorldOptions.retime_seed); drawn
+    from its own generator, so every other draw of a seed stays what it was before."""
+    return f"retime/{seed}" if random.Random(f"retime/{seed}").random() < 0.5 else None
 
 
 def _run_ops(world: World, recs: list[OpRecord | None]) -> list[OpRecord]:
@@ -323,7 +334,12 @@ def run_majority_down(seed: int, nodes: int = 3, trace: bool = False) -> Result:
     t_up = t_down + rng.uniform(deadline + 500.0, 2.5 * deadline)
     victims = rng.sample(world.node_ids, world.majority)
     wl = Workload(
-        world, rng, clients_per_node=2, ops_per_client=rng.randint(5, 10), hot_keys=rng.randint(1, 3), stop=t_up,
+        world,
+        rng,
+        clients_per_node=2,
+        ops_per_client=rng.randint(5, 10),
+        hot_keys=rng.randint(1, 3),
+        stop=t_up,
         think_max=t_up / 8,
     )
     wl.start()
@@ -395,8 +411,9 @@ def _run_amnesia(
     wipes = rng.choice([1, 1, 2])
     ops = rng.randint(6, 12)
     think_max = rng.choice([30.0, 2 * stop / ops])
-    wl = Workload(world, rng, clients_per_node=2, ops_per_client=ops, hot_keys=rng.randint(1, 4), stop=stop,
-                  think_max=think_max)
+    wl = Workload(
+        world, rng, clients_per_node=2, ops_per_client=ops, hot_keys=rng.randint(1, 4), stop=stop, think_max=think_max
+    )
     wiped: list[int] = []
 
     def wipe() -> None:

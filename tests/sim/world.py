@@ -161,8 +161,10 @@ class OpRecord:
         return self.outcome is not None or self.crashed
 
     def describe(self) -> str:
-        what = f"SETONCE {self.key!r} pid={self.proposal.pid!r} value={self.proposal.value!r}" if self.proposal else (
-            f"GET {self.key!r}"
+        what = (
+            f"SETONCE {self.key!r} pid={self.proposal.pid!r} value={self.proposal.value!r}"
+            if self.proposal
+            else (f"GET {self.key!r}")
         )
         if self.crashed:
             res = "indeterminate (node crashed)"
@@ -337,6 +339,9 @@ class WorldOptions:
     wipe_resets_incarnation: bool = False
     #: Nodes keep a chosen log and read it back when they restart (as real nodes do).
     chosen_log: bool = True
+    #: With a seed: every few simulated milliseconds one node's phase timeout is set to a drawn
+    #: value (NodeCore.set_attempt_timeout), as a real node follows its peers' answer times.
+    retime_seed: str | None = None
 
 
 class World:
@@ -379,6 +384,22 @@ class World:
             self._boot(h)
         if faults.crash_every_ms is not None:
             self._schedule_crash_attempt()
+        self._retime_rng: random.Random | None = None
+        if self.options.retime_seed is not None:
+            self._retime_rng = random.Random(self.options.retime_seed)
+            self.after(self._retime_rng.uniform(5.0, 200.0), self._retime)
+
+    def _retime(self) -> None:
+        """One node's phases from now on wait a drawn time (a quarter of the configured one up to
+        half the deadline): what a real node's driver does as its peers' answers speed up or
+        slow down. It changes when proposers retry, never what an answer means."""
+        r = self._retime_rng
+        assert r is not None
+        h = self.hosts[r.choice(self.node_ids)]
+        if h.up and h.core is not None:
+            base = self.node_config.proposer.attempt_timeout_ms
+            h.core.set_attempt_timeout(r.uniform(base / 4, max(base, self.deadline_ms / 2)))
+        self.after(r.uniform(5.0, 200.0), self._retime)
 
     # ---- event loop --------------------------------------------------------------------------
 
