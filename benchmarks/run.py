@@ -24,6 +24,7 @@ import importlib.metadata
 import io
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -672,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _loadavg()
     if float(load_before.split()[0]) > 1.0:
         print(f"note: the machine is already busy (load average {load_before}); figures will be lower", flush=True)
+    create_cost = _wait_for_fast_creates(root, args.quick)
     runner = Runner(args, root)
     print(f"benchmarking in {root} ({'quick' if args.quick else 'full'} run)", flush=True)
     try:
@@ -686,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {
                 **machine_facts(root),
                 "load_average_before": load_before,
+                "file_creation_before": create_cost,
                 "load_average_after": _loadavg(),
             },
         }
@@ -714,6 +717,49 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad:
         print(f"WARNING: {r.workload} on {r.target}: {r.status}", file=sys.stderr)
     return 3 if bad else 0
+
+
+#: A new empty file on this machine's file system costs 13-30 µs, but hundreds of µs for
+#: minutes after many files near it were deleted (benchmarks/PROFILE.md, *Inode allocation
+#: after deletions*), such as the data directories the run before this one removed. respreg
+#: creates a file per acceptor state and would pay it in every write; etcd, which does not,
+#: would not. A run waits (up to CREATE_WAIT_S) until creating files in its temp dir costs
+#: less than SLOW_CREATE_US, and reports what it found.
+SLOW_CREATE_US = 100.0
+CREATE_WAIT_S = 300.0
+
+
+def _create_cost_us(directory: Path, count: int = 100) -> float:
+    """µs per new unnamed file (O_TMPFILE; a named one where that is missing) in ``directory``."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    fds: list[int] = []
+    t = time.perf_counter()
+    try:
+        for i in range(count):
+            if tmpfile:
+                fds.append(os.open(directory, os.O_WRONLY | tmpfile | os.O_CLOEXEC, 0o644))
+            else:
+                path = directory / f".create-probe-{i}"
+                fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                path.unlink()
+        return (time.perf_counter() - t) / count * 1e6
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _wait_for_fast_creates(directory: Path, quick: bool) -> str:
+    """Wait until files are cheap to create in ``directory`` again; the machine fact to report."""
+    t0 = time.monotonic()
+    cost = _create_cost_us(directory)
+    while not quick and cost > SLOW_CREATE_US and time.monotonic() - t0 < CREATE_WAIT_S:
+        print(f"note: creating a file costs {cost:.0f} µs here now (recent deletions?); waiting", flush=True)
+        time.sleep(20)
+        cost = _create_cost_us(directory)
+    waited = time.monotonic() - t0
+    return f"{cost:.0f} µs per new file in the temp dir at the start" + (
+        f" (after waiting {waited:.0f} s for it to fall below {SLOW_CREATE_US:.0f})" if waited >= 1 else ""
+    )
 
 
 def _scale_section(path: Path) -> str:
