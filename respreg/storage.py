@@ -592,6 +592,8 @@ SPARE_DIR_NAME = ".spare"
 SPARES_KEPT = 512
 #: Unnamed spares the thread makes per call into respreg._fileio.
 UNNAMED_PER_CALL = 64
+#: Unnamed files a batch makes per call, when too few spares were ready (any batch size works).
+UNNAMED_PER_BATCH_CALL = 4096
 
 
 class _Spares:
@@ -863,7 +865,7 @@ class DirectBatch:
         fds = self.fds
         missing = [i for i, fd in enumerate(fds) if fd < 0]
         while missing:
-            made = _fileio.create_unnamed(self._spares.directory_text, len(missing))
+            made = _fileio.create_unnamed(self._spares.directory_text, min(len(missing), UNNAMED_PER_BATCH_CALL))
             for i, fd in zip(missing, made, strict=False):
                 fds[i] = fd
             missing = missing[len(made) :]

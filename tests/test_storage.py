@@ -767,6 +767,26 @@ def test_a_batch_larger_than_the_stock_of_unnamed_spares(tmp_path: Path, fileio:
     assert _open_fds() == before
 
 
+def test_a_direct_batch_makes_its_missing_files_a_bounded_number_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files no spare was ready for are made in calls of at most UNNAMED_PER_BATCH_CALL
+    (respreg._fileio refuses larger counts): any batch size works."""
+    _needs_syncfs()
+    if not storage.batched_io():
+        pytest.skip("respreg._fileio is not built here (no C compiler when the package was installed)")
+    monkeypatch.setattr(storage, "UNNAMED_PER_BATCH_CALL", 3)
+    files = KeyFiles(tmp_path / "keys", sync="syncfs", spares=8, **SPARE_KINDS["unnamed"])
+    _needs_unnamed(files)
+    try:
+        _wait_spares(files, 8)
+        items = [(b"bounded:%d" % i, state_for(i)) for i in range(20)]
+        _direct_beyond_the_stock(files, items)  # thirteen made, in five calls
+        assert [files.load(key) for key, _ in items] == [state for _, state in items]
+    finally:
+        files.close()
+
+
 def test_a_direct_batch_that_fails_before_any_name_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None:
     """respreg._fileio's errors: a key whose path cannot be linked (a directory there) first in
     its batch is a plain OSError, nothing of the batch is visible, and close releases every
