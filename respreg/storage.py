@@ -622,7 +622,7 @@ class _Spares:
 
     def __init__(self, directory: Path, kept: int, *, hold_open: bool = False, unnamed: bool = False) -> None:
         self.directory = directory
-        self._text = self.directory_text = str(directory)
+        self.directory_text = str(directory)
         self.hold_open = hold_open
         self._lock = threading.Lock()
         #: Named spares: (name, descriptor open for writing, or -1 if only the name is held).
@@ -635,11 +635,13 @@ class _Spares:
         self._stop = False
         _makedirs_durably(directory)
         #: How unnamed spares get their names; None: every spare is a named file.
-        self.link = _unnamed_file_linker(self._text) if hold_open and unnamed else None
+        self.link = _unnamed_file_linker(self.directory_text) if hold_open and unnamed else None
         self._named_kept = kept if self.link is None else max(1, kept // 16)
         self._unnamed_kept = kept - self._named_kept
         # Reuse what an earlier process left (names of our own tag cannot be among them).
-        self._ready = [(os.path.join(self._text, n), -1) for n in os.listdir(directory) if n.endswith(".spare")]
+        self._ready = [
+            (os.path.join(self.directory_text, n), -1) for n in os.listdir(directory) if n.endswith(".spare")
+        ]
         self._thread = threading.Thread(target=self._fill, name="respreg-spares", daemon=True)
         self._wanted.set()
         self._thread.start()
@@ -724,13 +726,13 @@ class _Spares:
                     if kind == "unnamed":
                         if _fileio is not None:
                             # Many at a time, with the interpreter lock given up once.
-                            fds = _fileio.create_unnamed(self._text, min(missing, UNNAMED_PER_CALL))
+                            fds = _fileio.create_unnamed(self.directory_text, min(missing, UNNAMED_PER_CALL))
                         else:
-                            fds = [_create_unnamed(self._text)]
+                            fds = [_create_unnamed(self.directory_text)]
                         with self._lock:
                             self._unnamed.extend(fds)
                         continue
-                    name = os.path.join(self._text, f"{_TEMP_TAG}{next(numbers):x}.spare")
+                    name = os.path.join(self.directory_text, f"{_TEMP_TAG}{next(numbers):x}.spare")
                     fd = _create(name)
                     if not self.hold_open:
                         os.close(fd)

@@ -422,11 +422,8 @@ class NodeCore:
         retries changes, never what any answer means."""
         if ms <= 0:
             raise ValueError("the attempt timeout must be positive")
-        c = self._proposer_config
-        if ms != c.attempt_timeout_ms:
-            self._proposer_config = ProposerConfig(
-                ms, c.backoff_min_ms, c.backoff_max_ms, c.deadline_ms, c.straggler_ms
-            )
+        if ms != self._proposer_config.attempt_timeout_ms:
+            self._proposer_config = self._proposer_config.with_attempt_timeout(ms)
 
     def set_peer_up(self, node: NodeId, up: bool) -> None:
         """The driver's view of its link to ``node``: writes are not forwarded to a node that is

@@ -165,6 +165,12 @@ class ProposerConfig:
             self.attempt_timeout_ms, self.backoff_min_ms, self.backoff_max_ms, deadline_ms, self.straggler_ms
         )
 
+    def with_attempt_timeout(self, attempt_timeout_ms: float) -> ProposerConfig:
+        """This config with another attempt timeout (see NodeCore.set_attempt_timeout)."""
+        return ProposerConfig(
+            attempt_timeout_ms, self.backoff_min_ms, self.backoff_max_ms, self.deadline_ms, self.straggler_ms
+        )
+
 
 DEADLINE_TOKEN = -1
 STRAGGLER_TOKEN = -2

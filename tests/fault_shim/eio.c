@@ -37,33 +37,6 @@ static int is_dir(int fd)
     return fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-static int should_fail(int fd)
-{
-    const char *needle = getenv("RESPREG_FAIL_FSYNC_PATH");
-    const char *dirs_only = getenv("RESPREG_FAIL_FSYNC_DIRS_ONLY");
-    int all_broken, dirs_broken;
-    char link[64];
-    char target[4096];
-    ssize_t n;
-
-    if (needle == NULL || needle[0] == '\0')
-        return 0;
-    all_broken = exists(getenv("RESPREG_FAIL_FSYNC_TRIGGER"));
-    dirs_broken = exists(getenv("RESPREG_FAIL_FSYNC_DIRS_TRIGGER"));
-    if (!all_broken && !dirs_broken)
-        return 0;
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    n = readlink(link, target, sizeof target - 1);
-    if (n < 0)
-        return 0;
-    target[n] = '\0';
-    if (strstr(target, needle) == NULL)
-        return 0;
-    if (all_broken && (dirs_only == NULL || strcmp(dirs_only, "0") == 0))
-        return 1;
-    return is_dir(fd);
-}
-
 static int path_contains(int fd, const char *needle)
 {
     char link[64];
@@ -76,6 +49,25 @@ static int path_contains(int fd, const char *needle)
         return 0;
     target[n] = '\0';
     return strstr(target, needle) != NULL;
+}
+
+static int should_fail(int fd)
+{
+    const char *needle = getenv("RESPREG_FAIL_FSYNC_PATH");
+    const char *dirs_only = getenv("RESPREG_FAIL_FSYNC_DIRS_ONLY");
+    int all_broken, dirs_broken;
+
+    if (needle == NULL || needle[0] == '\0')
+        return 0;
+    all_broken = exists(getenv("RESPREG_FAIL_FSYNC_TRIGGER"));
+    dirs_broken = exists(getenv("RESPREG_FAIL_FSYNC_DIRS_TRIGGER"));
+    if (!all_broken && !dirs_broken)
+        return 0;
+    if (!path_contains(fd, needle))
+        return 0;
+    if (all_broken && (dirs_only == NULL || strcmp(dirs_only, "0") == 0))
+        return 1;
+    return is_dir(fd);
 }
 
 static void maybe_slow(int fd)
